@@ -1,0 +1,5 @@
+import sys
+
+from ftlib.cli import main
+
+sys.exit(main())

@@ -1,0 +1,211 @@
+"""The one command-line entry point; every Makefile target is a thin wrapper around it.
+
+    python -m ftlib show RECIPE [key=value ...]          print the resolved recipe
+    python -m ftlib train RECIPE [key=value ...]         preprocess (array) -> train -> serve (if serve.enabled)
+    python -m ftlib preprocess RECIPE [key=value ...]    only the preprocessing array
+    python -m ftlib serve RECIPE|RUN [key=value ...]     serve a finished run
+    python -m ftlib demo [key=value ...]                 the whole pipeline locally on the embedded default
+    python -m ftlib status [RUN]                         stages, states, failures (all runs without RUN)
+    python -m ftlib logs RUN [--stage S] [--task K]      a stage's log
+    python -m ftlib cancel RUN                           cancel the run's jobs
+    python -m ftlib shard RECIPE --index K --num-shards N   one preprocessing shard (slurm/preprocess.sbatch)
+    python -m ftlib schema                               the recipe reference (Markdown)
+
+`train`, `preprocess` and `serve` take --dry-run: print the sbatch scripts instead of submitting them.
+A RUN is a run directory (runs/<name>); its recipe.yaml is used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_RECIPE = ROOT / "recipes" / "demo.yaml"
+
+
+def _load(target: str, overrides):
+    """A recipe file, or a run directory (its saved recipe.yaml)."""
+    from ftlib import recipe as recipe_mod
+
+    path = Path(target)
+    if path.is_dir():
+        path = path / "recipe.yaml"
+    return recipe_mod.load(path, list(overrides))
+
+
+def _stages(command: str, recipe) -> list:
+    if command == "train":
+        return ["preprocess", "train"] + (["serve"] if recipe.serve.enabled else [])
+    return [command]
+
+
+def cmd_show(args):
+    from ftlib import recipe as recipe_mod
+
+    print(recipe_mod.to_yaml(_load(args.recipe, args.overrides)), end="")
+
+
+def cmd_submit(args):
+    """train / preprocess / serve: the same chain on Slurm or on this machine."""
+    from slurm import launch
+
+    recipe = _load(args.recipe, args.overrides)
+    stages = _stages(args.command, recipe)
+    launcher = launch.resolve_launcher(recipe)
+    if args.dry_run:
+        for path in launch.dry_run(recipe, stages):
+            print(f"# ---- {path}\n{path.read_text()}")
+        print(f"# (dry run: nothing submitted; scripts written to {Path(recipe.run.dir) / 'sbatch'})")
+        return
+    print(f"run {recipe.run.name}: {' -> '.join(stages)} on {launcher}; run directory {recipe.run.dir}")
+    if launcher == "slurm":
+        launch.submit(recipe, stages)
+        print(f"watch it: make status RUN={_rel(recipe.run.dir)}   logs: make logs RUN={_rel(recipe.run.dir)} "
+              f"STAGE=train")
+        if "serve" in stages:
+            print(f"once serving: make tunnel RUN={_rel(recipe.run.dir)}")
+    else:
+        launch.run_local(recipe, stages)
+    if args.command == "preprocess":
+        from ftlib.data.preprocess import output_dir
+
+        print(output_dir(recipe))
+
+
+def cmd_demo(args):
+    """The whole pipeline locally: array preprocessing, 2-process DeepSpeed LoRA, Serve, two requests."""
+    from slurm import launch
+    from ftlib.serve.local import start_local
+
+    recipe = _load(str(DEMO_RECIPE), ["run.launcher=local", *args.overrides])
+    print(f"demo: run directory {recipe.run.dir}")
+    launch.run_local(recipe, ["preprocess", "train"])
+    print("[serve] starting a local Ray Serve endpoint on the adapter ...")
+    with start_local(recipe) as ep:
+        from ftlib.data.formats import alpaca_prompt
+
+        prompt = alpaca_prompt("Tell me a story about a dog.", style=recipe.data.prompt_style)
+        answer = _post(ep.url + "/", [{"text": prompt}], ep.token)
+        print(f"\n[serve] POST / (the notebook's format):\n{answer[0]['responses']}\n")
+        body = {"model": recipe.served_model_name, "prompt": prompt, "max_tokens": 32, "temperature": 0}
+        completion = _post(ep.url + "/v1/completions", body, ep.token)
+        print(f"[serve] POST /v1/completions (OpenAI format):\n{completion['choices'][0]['text']}\n")
+    print(f"demo finished. Run directory: {recipe.run.dir}")
+    print(f"TensorBoard: make tensorboard RUNS={_rel(Path(recipe.run.dir).parent)}")
+
+
+def _post(url: str, body, token: str):
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def cmd_status(args):
+    from ftlib.rundir import RunDir
+    from slurm.status import status
+
+    runs = [Path(args.run)] if args.run else sorted(p.parent for p in Path("runs").glob("*/recipe.yaml"))
+    for run in runs:
+        print(status(RunDir(run)))
+        print()
+    if not runs:
+        print("no runs under runs/")
+
+
+def cmd_logs(args):
+    from ftlib.rundir import RunDir
+    from slurm.status import log_path
+
+    run = RunDir(args.run)
+    for err in (False, True):
+        path = log_path(run, args.stage, args.task, err=err)
+        print(f"==> {path} <==")
+        print(path.read_text(errors="replace") if path.exists() else "(not written yet)")
+
+
+def cmd_cancel(args):
+    from ftlib.rundir import RunDir
+    from slurm.status import cancel
+
+    ids = cancel(RunDir(args.run))
+    print(f"cancelled {', '.join(ids)}" if ids else "no Slurm jobs recorded for this run")
+
+
+def cmd_shard(args):
+    from ftlib.data.preprocess import run_shard
+
+    recipe = _load(args.recipe, args.overrides)
+    print(run_shard(recipe, args.index, args.num_shards))
+
+
+def cmd_schema(args):
+    from ftlib.recipe import schema_reference
+
+    print(schema_reference(), end="")
+
+
+def _rel(path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ftlib", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, recipe=True, help=""):
+        s = sub.add_parser(name, help=help)
+        if recipe:
+            s.add_argument("recipe", help="recipe file, or a run directory")
+            s.add_argument("overrides", nargs="*", help="key=value overrides")
+        s.set_defaults(fn=fn)
+        return s
+
+    add("show", cmd_show, help="print the resolved recipe")
+    for name in ("train", "preprocess", "serve"):
+        add(name, cmd_submit, help=f"submit the {name} stage(s)").add_argument(
+            "--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
+    d = add("demo", cmd_demo, recipe=False, help="the whole pipeline locally on the embedded default")
+    d.add_argument("overrides", nargs="*")
+    s = add("status", cmd_status, recipe=False, help="state of a run's stages")
+    s.add_argument("run", nargs="?")
+    s = add("logs", cmd_logs, recipe=False, help="a stage's log")
+    s.add_argument("run")
+    s.add_argument("--stage", default="train", choices=["preprocess", "train", "serve"])
+    s.add_argument("--task", type=int, default=0, help="array index (preprocess) or rank (train)")
+    add("cancel", cmd_cancel, recipe=False, help="cancel a run's jobs").add_argument("run")
+    s = add("shard", cmd_shard, help="one preprocessing shard")
+    s.add_argument("--index", type=int, required=True)
+    s.add_argument("--num-shards", type=int, required=True)
+    add("schema", cmd_schema, recipe=False, help="the recipe reference")
+    return p
+
+
+def main(argv=None) -> int:
+    from ftlib.recipe import RecipeError
+
+    args = parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.fn(args)
+    except RecipeError as e:
+        print(f"recipe error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        from slurm.launch import LaunchError
+
+        if isinstance(e, (LaunchError, FileNotFoundError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+    return 0

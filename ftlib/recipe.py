@@ -1,0 +1,461 @@
+"""The recipe: one YAML file that says everything about a run.
+
+The schema below is the single source of truth: every key, its type, its default and a one-line meaning
+(`help`). `load()` reads a recipe, follows its `base:` chain, applies command-line `key=value` overrides,
+checks everything, and returns a plain `Recipe` dataclass. Any problem becomes a `RecipeError` whose message
+is one line naming the key and the file it came from; the CLI prints it and exits with status 2.
+
+Relative paths in a recipe are resolved against the current directory (where you run `make`), and the
+resolved recipe saved in a run directory holds absolute paths, so `make train RECIPE=runs/<name>/recipe.yaml`
+repeats the run from anywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class RecipeError(Exception):
+    """A problem with a recipe, in one line that names the key and the file."""
+
+
+def opt(default: Any = MISSING, help: str = "", choices: Optional[List[Any]] = None, path: bool = False):
+    """A schema field with its one-line meaning; `path=True` marks values resolved against the current dir."""
+    meta = {"help": help, "choices": choices, "path": path}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: _copy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _copy(value):
+    import copy
+
+    return copy.deepcopy(value)
+
+
+# ----------------------------------------------------------------------------------------------------- schema
+@dataclass
+class RunConfig:
+    name: str = opt(help="Name of the run; the run directory is runs/<name> unless run.dir is set.")
+    dir: Optional[str] = opt(None, "Run directory (default: runs/<run.name>).", path=True)
+    seed: int = opt(42, "Seed for model init, LoRA init, data order and sampling.")
+    launcher: str = opt("auto", "Executor: slurm, local (this machine, no Slurm), or auto (slurm if sbatch is on PATH).",
+                        choices=["auto", "local", "slurm"])
+
+
+@dataclass
+class DataSource:
+    path: str = opt(help="A JSON/JSONL/Parquet file or glob, a directory saved with `datasets`, or a hub data set name.")
+    format: str = opt("alpaca", "Row format: alpaca (instruction/input/output), messages (role/content turns), "
+                      "completion (raw text).", choices=["alpaca", "messages", "completion"])
+    split: str = opt("train", "Split to read when the source is a saved DatasetDict or a hub data set.")
+    max_rows: Optional[int] = opt(None, "Read at most this many rows from this source (quick runs).")
+
+
+@dataclass
+class DataConfig:
+    sources: List[DataSource] = opt(help="Where the examples come from; several sources are mixed.")
+    prompt_style: str = opt("instruct", "Alpaca prompt style of the notebook: instruct (### Instruction/### Response) "
+                            "or chat (USER:/ASSISTANT:).", choices=["instruct", "chat"])
+    chat_template: Optional[str] = opt(None, "Jinja chat template for `messages` rows when the tokenizer has none "
+                                       "(default: a documented built-in template).")
+    sequence_len: int = opt(256, "Maximum tokens per training sequence.")
+    train_on_inputs: bool = opt(False, "Also train on prompt tokens (default: prompt labels are -100).")
+    too_long: str = opt("truncate", "What to do with rows longer than sequence_len.", choices=["truncate", "drop"])
+    num_shards: int = opt(2, "Number of preprocessing shards (array tasks).")
+    eval_fraction: float = opt(0.02, "Fraction of rows held out for evaluation.")
+    split_seed: int = opt(42, "Seed of the train/eval split (independent of the number of shards).")
+    packing: bool = opt(False, "Pack several examples into each sequence_len window (no padding, no cross-attention).")
+    max_bad_fraction: float = opt(0.01, "Fail preprocessing when more than this fraction of rows is malformed.")
+    cache_dir: str = opt("cache/tokenized", "Where tokenized shards are written, keyed by a fingerprint.", path=True)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = opt(help="Base model: a local directory or a hub name.", path=True)
+    tokenizer: Optional[str] = opt(None, "Tokenizer (default: the model's).", path=True)
+    trust_remote_code: bool = opt(False, "Run code shipped with the model (only for models you trust).")
+    dtype: str = opt("float32", "Dtype of the unquantized weights.", choices=["float32", "float16", "bfloat16"])
+    quantization: str = opt("none", "Quantize the frozen base with bitsandbytes.", choices=["none", "8bit", "4bit"])
+    quant_type: str = opt("nf4", "4-bit quantization type.", choices=["nf4", "fp4"])
+    double_quant: bool = opt(True, "4-bit: also quantize the quantization constants.")
+    compute_dtype: str = opt("bfloat16", "4-bit: dtype of the matmuls.", choices=["float32", "float16", "bfloat16"])
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    pad_token: Optional[str] = opt(None, "Pad token to use when the tokenizer has none (default: the EOS token).")
+    attn_implementation: Optional[str] = opt(None, "Attention kernel (eager, sdpa, flash_attention_2); default: "
+                                             "transformers' choice.")
+
+
+@dataclass
+class LoraConfig:
+    r: int = opt(8, "LoRA rank.")
+    alpha: int = opt(16, "LoRA alpha (scaling = alpha / r).")
+    dropout: float = opt(0.05, "Dropout on the LoRA input.")
+    target_modules: List[str] = opt(["all-linear"], "Modules that get adapters (names, or all-linear).")
+    use_dora: bool = opt(False, "Weight-decomposed LoRA (DoRA).")
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: bool = opt(True, "Train under DeepSpeed (otherwise plain DDP).")
+    zero_stage: int = opt(2, "ZeRO stage.", choices=[0, 1, 2, 3])
+    offload_optimizer: bool = opt(False, "Keep optimizer states on the CPU.")
+    offload_params: bool = opt(False, "ZeRO-3: keep parameters on the CPU.")
+    config_file: Optional[str] = opt(None, "Your own DeepSpeed JSON instead of the generated one.", path=True)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = opt(3.0, "Passes over the training set.")
+    max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: use epochs).")
+    global_batch_size: int = opt(16, "Sequences per optimizer step over all ranks.")
+    micro_batch_size: int = opt(4, "Sequences per forward pass per rank.")
+    learning_rate: float = opt(2e-4, "Peak learning rate.")
+    weight_decay: float = opt(0.0, "Weight decay.")
+    lr_scheduler: str = opt("cosine", "Learning-rate schedule after warmup.",
+                            choices=["cosine", "linear", "constant", "constant_with_warmup"])
+    warmup_steps: int = opt(10, "Linear warmup steps.")
+    optimizer: str = opt("adamw_torch", "Optimizer: adamw_torch, or bitsandbytes' adamw_8bit / adam_8bit (the "
+                         "notebook's).", choices=["adamw_torch", "adamw_8bit", "adam_8bit"])
+    precision: str = opt("fp32", "Mixed precision.", choices=["fp32", "fp16", "bf16"])
+    max_grad_norm: float = opt(1.0, "Gradient clipping (0 disables).")
+    logging_steps: int = opt(10, "Log train loss every this many steps.")
+    eval_steps: int = opt(50, "Evaluate every this many steps.")
+    save_steps: int = opt(1000, "Checkpoint every this many steps.")
+    save_total_limit: int = opt(3, "Keep at most this many checkpoints.")
+    rendezvous_timeout_s: int = opt(300, "Fail, naming the missing ranks, if not all ranks join within this time.")
+    sample_prompts: List[str] = opt(["Give three tips for staying healthy."],
+                                    "Instructions whose generations are logged at each evaluation.")
+    sample_max_new_tokens: int = opt(32, "Tokens generated per sample prompt.")
+
+
+@dataclass
+class ServeConfig:
+    enabled: bool = opt(False, "Run the serve stage after training in `make train`.")
+    model_name: Optional[str] = opt(None, "Name clients use for this run's adapter (default: run.name).")
+    adapters: Dict[str, str] = opt({}, "More LoRA adapters to serve, name: path.")
+    replicas: int = opt(1, "Serve replicas (fixed) when autoscaling is off.")
+    autoscaling: bool = opt(False, "Scale replicas between min_replicas and max_replicas.")
+    min_replicas: int = opt(1, "Autoscaling lower bound.")
+    max_replicas: int = opt(2, "Autoscaling upper bound.")
+    cpus_per_replica: float = opt(1.0, "CPUs each replica reserves.")
+    gpus_per_replica: float = opt(0.0, "GPUs each replica reserves.")
+    max_batch_size: int = opt(8, "Concurrent requests batched into one generate call.")
+    batch_wait_timeout_s: float = opt(0.05, "How long a batch waits to fill.")
+    port: int = opt(0, "HTTP port (0: a free port chosen per job).")
+    max_new_tokens: int = opt(256, "Upper limit a request may ask for.")
+    default_max_new_tokens: int = opt(64, "max_tokens when a request gives none.")
+    max_num_beams: int = opt(4, "Upper limit on beams.")
+    max_concurrent_requests: int = opt(64, "Requests queued per replica before 503.")
+
+
+@dataclass
+class SlurmStage:
+    partition: Optional[str] = opt(None, "Partition (default: the cluster's default).")
+    account: Optional[str] = opt(None, "Account to charge.")
+    qos: Optional[str] = opt(None, "Quality of service.")
+    time_min: int = opt(60, "Time limit in minutes.")
+    nodes: int = opt(1, "Nodes.")
+    tasks_per_node: int = opt(1, "Tasks per node (one per GPU; in CPU mode, one process per task).")
+    gpus_per_node: int = opt(0, "GPUs per node.")
+    cpus_per_task: int = opt(1, "CPUs per task.")
+    mem_gb: Optional[float] = opt(None, "Memory per node in GB (default: the cluster's default).")
+    constraint: Optional[str] = opt(None, "Node features required (--constraint).")
+    exclusive: bool = opt(False, "Whole nodes only (--exclusive).")
+    array_parallelism: int = opt(64, "Array stage: at most this many tasks at once.")
+    additional: Dict[str, str] = opt({}, "More #SBATCH options, name: value (e.g. reservation: myres).")
+    setup: List[str] = opt([], "Shell lines run before the task (module load, source venv/bin/activate).")
+
+
+@dataclass
+class SlurmConfig:
+    preprocess: SlurmStage = opt(SlurmStage(time_min=30, cpus_per_task=1), "Tokenization array job.")
+    train: SlurmStage = opt(SlurmStage(time_min=240), "Training job.")
+    serve: SlurmStage = opt(SlurmStage(time_min=120), "Ray Serve job.")
+
+
+@dataclass
+class Recipe:
+    run: RunConfig = opt(RunConfig(), "The run: name, directory, seed, executor.")
+    data: DataConfig = opt(DataConfig(), "Data sources, prompt format, tokenization and preprocessing.")
+    model: ModelConfig = opt(ModelConfig(), "Base model and quantization.")
+    lora: LoraConfig = opt(LoraConfig(), "LoRA adapter.")
+    deepspeed: DeepSpeedConfig = opt(DeepSpeedConfig(), "DeepSpeed (ZeRO, offload).")
+    train: TrainConfig = opt(TrainConfig(), "Optimization, evaluation and checkpointing.")
+    serve: ServeConfig = opt(ServeConfig(), "The Ray Serve endpoint.")
+    slurm: SlurmConfig = opt(SlurmConfig(), "Slurm resources per stage.")
+
+    # Derived values used by several stages (one place computes them).
+    @property
+    def world_size(self) -> int:
+        return self.slurm.train.nodes * self.slurm.train.tasks_per_node
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.world_size)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs").resolve() / self.run.name
+
+    @property
+    def served_model_name(self) -> str:
+        return self.serve.model_name or self.run.name
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+def load(path: str | os.PathLike, overrides: List[str] = ()) -> Recipe:
+    """Read a recipe file (following `base:`), apply `key=value` overrides, validate, resolve paths."""
+    cfg = OmegaConf.structured(Recipe)
+    for layer, source in _layers(Path(path)):
+        cfg = _merge(cfg, layer, source)
+    for override in overrides:
+        cfg = _apply_override(cfg, override)
+    top = f"{path} (with command-line overrides)" if overrides else str(path)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise RecipeError(f"{top}: {missing[0]}: required value is missing")
+    try:
+        recipe: Recipe = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise RecipeError(f"{top}: {_key(e)}: {_reason(e)}") from None
+    _check_choices(recipe, top)
+    _resolve_paths(recipe)
+    _check(recipe, top)
+    return recipe
+
+
+def _layers(path: Path, seen: tuple = ()) -> List[tuple]:
+    """The recipe's YAML layers, base first, each with its file name (for error messages)."""
+    if not path.is_file():
+        where = f"{seen[-1]}: base" if seen else "recipe"
+        raise RecipeError(f"{where}: file not found: {path}")
+    if path.resolve() in seen:
+        raise RecipeError(f"{path}: base: recipes inherit from each other in a cycle")
+    try:
+        layer = OmegaConf.load(path)  # a safe YAML loader: no code runs
+    except Exception as e:  # yaml.YAMLError and friends
+        raise RecipeError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(layer, DictConfig):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(layer).__name__}")
+    base = layer.pop("base", None)
+    if base is None:
+        return [(layer, str(path))]
+    if not isinstance(base, str):
+        raise RecipeError(f"{path}: base: expected a file name, got {base!r}")
+    parent = (path.parent / base) if not os.path.isabs(base) else Path(base)
+    return _layers(parent, seen + (path.resolve(),)) + [(layer, str(path))]
+
+
+def _apply_override(cfg: DictConfig, override: str) -> DictConfig:
+    """`key=value` from the command line; value is parsed as YAML (numbers, lists, mappings)."""
+    key, eq, text = override.partition("=")
+    if not eq or not key:
+        raise RecipeError(f"command line: override {override!r} is not of the form key=value")
+    try:
+        value = OmegaConf.from_dotlist([f"v={text}"]).v
+        OmegaConf.update(cfg, key.strip(), value, merge=True)
+    except OmegaConfBaseException as e:
+        raise RecipeError(f"command line: {_key(e) or key}: {_reason(e, cfg)}") from None
+    return cfg
+
+
+def _merge(cfg: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, layer)
+    except OmegaConfBaseException as e:
+        raise RecipeError(f"{source}: {_key(e)}: {_reason(e, cfg)}") from None
+    except TypeError as e:  # e.g. a mapping where the schema has a list
+        raise RecipeError(f"{source}: {e}") from None
+
+
+def _key(e: OmegaConfBaseException) -> str:
+    return getattr(e, "full_key", None) or "?"
+
+
+def _reason(e: OmegaConfBaseException, cfg: DictConfig) -> str:
+    msg = str(e).split("\n")[0]
+    if "Key '" in msg and "not in" in msg:
+        return "unknown key" + _suggest(cfg, _key(e))
+    return msg.replace("Value '", "value '").rstrip(".")
+
+
+def _suggest(cfg: DictConfig, full_key: str) -> str:
+    parent_key, _, name = full_key.rpartition(".")
+    node = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if "[" in name:  # list element: sources[0].pth -> the element's schema
+        name = name.split("]")[-1].lstrip(".")
+    if isinstance(node, ListConfig) and len(node):
+        node = node[0]
+    keys = list(node.keys()) if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(name, [str(k) for k in keys], n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(map(str, keys))})"
+
+
+def _walk(obj, prefix=""):
+    """(dotted key, owner dataclass, field) for every schema field, lists of dataclasses included."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        yield key, obj, f
+        if dataclasses.is_dataclass(value):
+            yield from _walk(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    yield from _walk(item, f"{key}[{i}].")
+
+
+def _check_choices(recipe: Recipe, top: str) -> None:
+    for key, owner, f in _walk(recipe):
+        choices = f.metadata.get("choices")
+        value = getattr(owner, f.name)
+        if choices and value not in choices:
+            raise RecipeError(f"{top}: {key}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".gz", ".arrow")
+
+
+def _looks_local(value: str) -> bool:
+    """A hub name ("org/name") stays as it is; anything that exists or looks like a path is a local path."""
+    return (value.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(value))
+            or value.endswith(DATA_SUFFIXES) or any(ch in value for ch in "*?["))
+
+
+def _resolve_paths(recipe: Recipe) -> None:
+    for key, owner, f in _walk(recipe):
+        value = getattr(owner, f.name)
+        if f.metadata.get("path") and isinstance(value, str) and value:
+            # A hub name (org/model) stays as it is; anything that exists or looks like a path becomes absolute.
+            if f.name in ("name_or_path", "tokenizer", "path") and not _looks_local(value):
+                continue
+            setattr(owner, f.name, str(Path(os.path.expanduser(value)).resolve()))
+    recipe.serve.adapters = {k: str(Path(os.path.expanduser(v)).resolve()) for k, v in recipe.serve.adapters.items()}
+    if recipe.run.dir is None:
+        recipe.run.dir = str(recipe.run_dir)
+
+
+def _check(r: Recipe, top: str) -> None:
+    """Values that type-check but cannot work."""
+
+    def fail(key: str, why: str):
+        raise RecipeError(f"{top}: {key}: {why}")
+
+    if not r.run.name or "/" in r.run.name or r.run.name.startswith("."):
+        fail("run.name", f"{r.run.name!r} is not a usable directory name")
+    if not r.data.sources:
+        fail("data.sources", "at least one data source is required")
+    for i, s in enumerate(r.data.sources):
+        local = s.path.startswith("/")
+        if local and not glob.glob(s.path):
+            fail(f"data.sources[{i}].path", f"no file matches {s.path}")
+    for key in ("model.name_or_path", "model.tokenizer", "deepspeed.config_file"):
+        section, name = key.split(".")
+        value = getattr(getattr(r, section), name)
+        if value and value.startswith("/") and not os.path.exists(value):
+            fail(key, f"not found: {value}")
+    for name, p in r.serve.adapters.items():
+        if not os.path.exists(p):
+            fail(f"serve.adapters.{name}", f"not found: {p}")
+    positive = {
+        "data.sequence_len": r.data.sequence_len, "data.num_shards": r.data.num_shards,
+        "train.global_batch_size": r.train.global_batch_size, "train.micro_batch_size": r.train.micro_batch_size,
+        "train.eval_steps": r.train.eval_steps, "train.save_steps": r.train.save_steps,
+        "train.logging_steps": r.train.logging_steps, "lora.r": r.lora.r,
+        "serve.max_batch_size": r.serve.max_batch_size, "serve.replicas": r.serve.replicas,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            fail(key, f"must be positive, got {value}")
+    if not 0 <= r.data.eval_fraction < 1:
+        fail("data.eval_fraction", f"must be in [0, 1), got {r.data.eval_fraction}")
+    if not 0 <= r.data.max_bad_fraction <= 1:
+        fail("data.max_bad_fraction", f"must be in [0, 1], got {r.data.max_bad_fraction}")
+    if r.train.learning_rate <= 0:
+        fail("train.learning_rate", f"must be positive, got {r.train.learning_rate}")
+    for stage in ("preprocess", "train", "serve"):
+        s: SlurmStage = getattr(r.slurm, stage)
+        if s.nodes < 1 or s.tasks_per_node < 1 or s.cpus_per_task < 1 or s.time_min < 1:
+            fail(f"slurm.{stage}", "nodes, tasks_per_node, cpus_per_task and time_min must be at least 1")
+        if s.gpus_per_node and s.gpus_per_node != s.tasks_per_node and stage == "train":
+            fail(f"slurm.{stage}.tasks_per_node", f"training runs one task per GPU: set it to gpus_per_node "
+                 f"({s.gpus_per_node}), got {s.tasks_per_node}")
+    per_step = r.train.micro_batch_size * r.world_size
+    if r.train.global_batch_size % per_step:
+        fail("train.global_batch_size", f"{r.train.global_batch_size} is not divisible by micro_batch_size × world "
+             f"size = {r.train.micro_batch_size} × {r.world_size} (slurm.train.nodes × tasks_per_node)")
+    if r.model.quantization != "none" and r.deepspeed.enabled and r.deepspeed.zero_stage == 3 \
+            and r.model.quantization == "8bit":
+        fail("model.quantization", "8-bit bases cannot be sharded by ZeRO-3; use 4bit (QLoRA) or zero_stage <= 2")
+    if r.deepspeed.offload_params and r.deepspeed.zero_stage != 3:
+        fail("deepspeed.offload_params", "parameter offload needs zero_stage: 3")
+    if r.train.precision == "fp16" and r.model.dtype == "bfloat16":
+        fail("train.precision", "fp16 mixed precision with bfloat16 weights; use bf16")
+    if r.serve.default_max_new_tokens > r.serve.max_new_tokens:
+        fail("serve.default_max_new_tokens", f"exceeds serve.max_new_tokens ({r.serve.max_new_tokens})")
+    if r.serve.autoscaling and not 1 <= r.serve.min_replicas <= r.serve.max_replicas:
+        fail("serve.min_replicas", "need 1 <= min_replicas <= max_replicas")
+
+
+# ----------------------------------------------------------------------------------------------------- saving
+def to_yaml(recipe: Recipe) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def save(recipe: Recipe, path: str | os.PathLike) -> None:
+    """Write the resolved recipe atomically (a reader never sees half a file)."""
+    from ftlib.rundir import write_atomic
+
+    write_atomic(path, to_yaml(recipe))
+
+
+def schema_reference() -> str:
+    """Markdown table of every key (the README's recipe reference is generated from this)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            key = prefix + f.name
+            sub = _dataclass_of(f.type)
+            if sub is not None and f.name not in ("sources",):
+                lines.append(f"| `{key}` | section | | {f.metadata.get('help', '')} |")
+                walk(sub, key + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else MISSING)
+            shown = "required" if default is MISSING else f"`{default!r}`".replace("|", "\\|")
+            if f.name == "sources":
+                shown = "required"
+            choices = f.metadata.get("choices")
+            extra = f" One of: {', '.join(map(str, choices))}." if choices else ""
+            lines.append(f"| `{key}` | {_type_name(f.type)} | {shown} | {f.metadata.get('help', '')}{extra} |")
+            if f.name == "sources":
+                walk(DataSource, key + "[].")
+
+    walk(Recipe, "")
+    return "\n".join(lines) + "\n"
+
+
+def _dataclass_of(t):
+    t = _eval_type(t)
+    return t if dataclasses.is_dataclass(t) else None
+
+
+def _eval_type(t):
+    if isinstance(t, str):
+        return eval(t, globals())  # annotations are strings under `from __future__ import annotations`
+    return t
+
+
+def _type_name(t) -> str:
+    t = _eval_type(t)
+    return getattr(t, "__name__", None) or str(t).replace("typing.", "")

@@ -1,0 +1,58 @@
+"""The callables that run inside jobs: thin wrappers that put ftlib's steps into Slurm's (or the local) world.
+
+They are pickled by submitit, so they take the resolved recipe as their only state. The steps themselves
+(ftlib.data, ftlib.train, ftlib.serve) know nothing of Slurm; everything Slurm-specific is here.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import submitit
+
+
+def preprocess_shard(recipe, index: int, num_shards: int) -> str:
+    """One task of the preprocessing array: tokenize shard `index` of `num_shards`."""
+    from ftlib.data.preprocess import run_shard
+
+    return str(run_shard(recipe, index, num_shards))
+
+
+class Train(submitit.helpers.Checkpointable):
+    """One task of the (multi-node) training job. Every task runs this; together they form one torch.distributed
+    group. On USR1/USR2 ftlib.train saves a complete checkpoint on all ranks and returns "interrupted"; then rank 0
+    hands the signal to submitit, which calls `checkpoint()` below and requeues the job. The requeued job calls
+    `ftlib.train.train` again, which resumes from the latest complete checkpoint by itself."""
+
+    def __call__(self, recipe) -> str:
+        use_gpus = recipe.slurm.train.gpus_per_node > 0
+        if not use_gpus:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # MASTER_ADDR is the first node; MASTER_PORT is derived from the job id, so two jobs sharing a node differ.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=use_gpus, overwrite=True)
+        from ftlib.train import train
+
+        outcome = train(recipe)
+        if outcome == "interrupted":
+            env = submitit.JobEnvironment()
+            if env.global_rank == 0:
+                signal.raise_signal(submitit.JobEnvironment._usr_sig())  # submitit: checkpoint() + requeue + exit
+            # Other ranks wait to be stopped by the requeue rather than report a result for a job that continues.
+            time.sleep(300)
+            sys.exit(1)
+        return outcome
+
+    def checkpoint(self, recipe) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(self, recipe)
+
+
+def serve_node(recipe) -> str:
+    """One task per node of the serve job: rank 0 runs the Ray head and the Serve app, the others Ray workers.
+    Blocks until the time limit, `make cancel`, or Ctrl-C."""
+    from ftlib.serve.cluster import run_node
+
+    env = submitit.JobEnvironment()
+    run_node(recipe, node_rank=env.node, hostnames=env.hostnames, job_id=str(env.job_id))
+    return "stopped"
