@@ -53,7 +53,8 @@ class RunConfig:
 
 @dataclass
 class DataSource:
-    path: str = opt(help="A JSON/JSONL/Parquet file or glob, a directory saved with `datasets`, or a hub data set name.")
+    path: str = opt(help="A JSON/JSONL/Parquet file or glob, a directory saved with `datasets`, or a hub data set name.",
+                    path=True)
     format: str = opt("alpaca", "Row format: alpaca (instruction/input/output), messages (role/content turns), "
                       "completion (raw text).", choices=["alpaca", "messages", "completion"])
     split: str = opt("train", "Split to read when the source is a saved DatasetDict or a hub data set.")

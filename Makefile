@@ -1,0 +1,56 @@
+# Every target is a thin wrapper around `python -m ftlib <command>`; call that directly with the same arguments.
+#   make demo                                   the whole pipeline locally on the embedded default
+#   make test                                   the test suite (starts the local test Slurm cluster)
+#   make train RECIPE=recipes/x.yaml [OVERRIDES="train.learning_rate=1e-4 slurm.train.nodes=4"] [DRY_RUN=1]
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+FT       := $(PY) -m ftlib
+RECIPE   ?= recipes/demo.yaml
+OVERRIDES ?=
+RUN      ?=
+STAGE    ?= train
+TASK     ?= 0
+RUNS     ?= runs
+PYTEST_ARGS ?=
+DRY      := $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run)
+SETUP    := $(VENV)/.ftlib-setup
+
+.PHONY: setup demo test train preprocess serve show status logs cancel export eval report tensorboard tunnel \
+        schema bench clean
+
+include tests/cluster/cluster.mk
+
+$(SETUP): env/requirements.lock env/setup.sh pyproject.toml
+	@env/setup.sh && touch $(SETUP)
+
+setup: $(SETUP)                       ## create/refresh the virtual environment (idempotent)
+
+demo: $(SETUP)                        ## preprocess -> 2-process DeepSpeed LoRA -> Serve -> two requests, locally
+	$(FT) demo $(OVERRIDES)
+
+test: $(SETUP) cluster-up             ## the whole suite, against a real local Slurm cluster
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+train: $(SETUP)                       ## submit the pipeline: preprocess array -> training -> serve (if asked)
+	$(FT) train $(RECIPE) $(OVERRIDES) $(DRY)
+
+preprocess: $(SETUP)                  ## only the preprocessing array
+	$(FT) preprocess $(RECIPE) $(OVERRIDES) $(DRY)
+
+serve: $(SETUP)                       ## serve a finished run (RUN=runs/<name>) or a recipe
+	$(FT) serve $(or $(RUN),$(RECIPE)) $(OVERRIDES) $(DRY)
+
+show: $(SETUP)                        ## print the resolved recipe
+	$(FT) show $(RECIPE) $(OVERRIDES)
+
+status: $(SETUP)                      ## state of a run's stages (all runs without RUN)
+	$(FT) status $(RUN)
+
+logs: $(SETUP)                        ## a stage's log: RUN=... [STAGE=train] [TASK=0]
+	$(FT) logs $(RUN) --stage $(STAGE) --task $(TASK)
+
+cancel: $(SETUP)                      ## cancel a run's jobs
+	$(FT) cancel $(RUN)
+
+schema: $(SETUP)                      ## print the recipe reference
+	$(FT) schema
