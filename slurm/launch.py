@@ -65,14 +65,14 @@ def slurm_parameters(recipe, stage: str, dependency: Optional[str] = None) -> Di
 
 def render_sbatch(recipe, stage: str, dependency: Optional[str] = None, array_size: Optional[int] = None) -> str:
     """The sbatch script submitit submits for a stage (a pure function: checked against golden files)."""
-    folder = RunDir.of(recipe).stage_logs(stage) / "%j"
+    folder = RunDir.of(recipe).stage_logs(stage)
     params = slurm_parameters(recipe, stage, dependency)
     command = f"{sys.executable} -u -m submitit.core._submit {folder}"
     return _make_sbatch_string(command=command, folder=folder, map_count=array_size, **params)
 
 
 def _executor(recipe, stage: str, launcher: str, dependency: Optional[str] = None):
-    folder = RunDir.of(recipe).stage_logs(stage) / "%j"
+    folder = RunDir.of(recipe).stage_logs(stage)
     s = getattr(recipe.slurm, stage)
     if launcher == "slurm":
         ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=3)
@@ -176,11 +176,10 @@ def submit(recipe, stages: List[str]) -> List[Submitted]:
 
 
 def _keep_script(run: RunDir, stage: str, job_id: str, folder: Path) -> None:
-    """Copy the sbatch script submitit generated into the run directory's sbatch/ folder."""
-    scripts = sorted(Path(str(folder).replace("%j", job_id)).parent.glob("*_submission.sh"),
-                     key=lambda p: p.stat().st_mtime)
+    """Copy the sbatch script submitit generated (<folder>/<job id>_submission.sh) into the run's sbatch/."""
+    scripts = sorted(folder.glob(f"{job_id}*_submission.sh"))
     if scripts:
-        write_atomic(run.sbatch / f"{stage}.sbatch", scripts[-1].read_text())
+        write_atomic(run.sbatch / f"{stage}.sbatch", scripts[0].read_text())
 
 
 def record(run: RunDir, launcher: str, submitted: List[Submitted]) -> None:

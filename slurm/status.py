@@ -73,7 +73,7 @@ def log_path(run: RunDir, stage: str, task: int = 0, err: bool = False, job_id: 
     if entry is None:
         raise FileNotFoundError(f"{run.root}: no {stage} stage was submitted (jobs.json)")
     job = job_id or entry["job_id"]
-    folder = Path(entry["folder"].replace("%j", job.split("_")[0]))
+    folder = Path(entry["folder"])
     suffix = "err" if err else "out"
     if stage == "preprocess" and entry.get("launcher") == "slurm":
         name = f"{job.split('_')[0]}_{task}_0_log.{suffix}"
