@@ -1,0 +1,145 @@
+"""The launchers against the REAL two-node Slurm test cluster (tests/cluster/up.sh starts it if it is not up).
+
+Each test has its own run directory (and so its own submitit folders) and a time guard.
+"""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ftlib.rundir import RunDir, read_json
+from slurm import launch, status
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.slurm]
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cluster():
+    subprocess.run(["bash", str(ROOT / "tests" / "cluster" / "up.sh")], check=True, capture_output=True)
+
+
+def sacct(job_id: str, *fields: str, steps: bool = False):
+    cmd = ["sacct", "-P", "-n", f"--format={','.join(fields)}", "-j", job_id] + ([] if steps else ["-X"])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line]
+
+
+def wait_for_jobs(job_ids, timeout: float):
+    """Until every job (and array task) of these ids is in a terminal state in sacct."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = [r for j in job_ids for r in sacct(j, "JobID", "State")]
+        if rows and all(r["State"].split()[0] in TERMINAL for r in rows) and not any(
+                "[" in r["JobID"] for r in rows):  # "12_[2-3]" = array tasks not started yet
+            return {r["JobID"]: r["State"].split()[0] for r in rows}
+        time.sleep(2)
+    raise TimeoutError(f"jobs {job_ids} not finished after {timeout} s: {rows}")
+
+
+def chain_recipe(make_recipe, *extra):
+    return make_recipe("run.launcher=slurm", "data.num_shards=4", "slurm.preprocess.array_parallelism=2",
+                       "data.sources[0].max_rows=400", "train.max_steps=6", "train.eval_steps=3",
+                       "train.save_steps=3", "train.logging_steps=1", "serve.enabled=false", *extra)
+
+
+def test_chain_array_then_two_node_training(make_recipe):
+    """4-shard array (at most 2 at once) -> 2-node training afterok; sacct shows both nodes; relaunch skips."""
+    recipe = chain_recipe(make_recipe)
+    submitted = launch.submit(recipe, ["preprocess", "train"])
+    pre, train = submitted
+    dependency = subprocess.run(["squeue", "-h", "-j", train.job_id, "-o", "%E"], capture_output=True,
+                                text=True).stdout.strip()
+    assert dependency.startswith(f"afterok:{pre.job_id}_*") or dependency == "", dependency
+
+    states = wait_for_jobs([pre.job_id, train.job_id], timeout=420)
+    tasks = {j: s for j, s in states.items() if j.startswith(pre.job_id + "_")}
+    assert sorted(tasks) == [f"{pre.job_id}_{k}" for k in range(4)] and set(tasks.values()) == {"COMPLETED"}, states
+    assert states[train.job_id] == "COMPLETED", status.status(RunDir.of(recipe))
+
+    # Never more than 2 array tasks at once (slurm.preprocess.array_parallelism), and training after all of them.
+    spans = [(r["Start"], r["End"]) for r in sacct(pre.job_id, "JobID", "Start", "End")]
+    for start, _ in spans:
+        assert sum(1 for s, e in spans if s <= start < e) <= 2, spans
+    train_start = sacct(train.job_id, "Start")[0]["Start"]
+    assert train_start >= max(e for _, e in spans)
+
+    # The training step ran one task on each of the two nodes.
+    steps = sacct(train.job_id, "JobID", "NodeList", "NTasks", steps=True)
+    step0 = next(r for r in steps if r["JobID"] == f"{train.job_id}.0")
+    assert step0["NodeList"] == "node[1-2]" and step0["NTasks"] == "2", steps
+    run = RunDir.of(recipe)
+    assert (run.adapter / "adapter_config.json").is_file()
+    assert (run.sbatch / "preprocess.sbatch").read_text().count("#SBATCH --array=0-3%2") == 1
+    assert "afterok:" in (run.sbatch / "train.sbatch").read_text()
+    jobs = read_json(run.jobs)
+    assert jobs["stages"]["train"]["job_id"] == train.job_id
+
+    # `make status` reads it all back; a relaunch of the same recipe submits nothing.
+    report = status.status(run)
+    assert f"{pre.job_id}_3" in report and "COMPLETED" in report and "node[1-2]" in report
+    assert launch.submit(recipe, ["preprocess", "train"]) == []
+
+
+def test_failing_shard_cancels_dependents_and_rerun_redoes_only_it(make_recipe, tmp_path):
+    """Shard 2 fails (a failure injected in the job's setup lines, as a broken node would); training is
+    cancelled rather than left pending; status names the shard; resubmitting reruns only that shard."""
+    healed = tmp_path / "healed"
+    inject = (f"if [ \"$SLURM_ARRAY_TASK_ID\" = 2 ] && [ ! -e {healed} ]; then "
+              "echo 'injected failure on shard 2' >&2; exit 3; fi")
+    recipe = chain_recipe(make_recipe, f"slurm.preprocess.setup=[\"{inject}\"]")
+    pre, train = launch.submit(recipe, ["preprocess", "train"])
+    states = wait_for_jobs([pre.job_id, train.job_id], timeout=300)
+    assert states[f"{pre.job_id}_2"] == "FAILED"
+    assert states[train.job_id] == "CANCELLED", states  # not PENDING (DependencyNeverSatisfied) forever
+
+    report = status.status(RunDir.of(recipe))
+    assert f"shard 2 (array task {pre.job_id}_2) FAILED" in report
+    assert "injected failure on shard 2" in report
+
+    healed.touch()
+    again = launch.submit(recipe, ["preprocess"])
+    assert len(again) == 1 and again[0].tasks == [2]
+    wait_for_jobs([again[0].job_id], timeout=180)
+    from ftlib.data.preprocess import shards_status
+    assert shards_status(recipe)["missing"] == []
+
+
+def test_cancel_cancels_the_whole_chain(make_recipe):
+    recipe = chain_recipe(make_recipe, "slurm.preprocess.setup=['sleep 60']")
+    submitted = launch.submit(recipe, ["preprocess", "train"])
+    ids = status.cancel(RunDir.of(recipe))
+    assert ids == [s.job_id for s in submitted]
+    states = wait_for_jobs(ids, timeout=60)
+    assert set(states.values()) == {"CANCELLED"}, states
+
+
+def test_dry_run_prints_every_script_in_order(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "ftlib", "train", str(ROOT / "recipes" / "demo.yaml"),
+                          f"run.dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "--dry-run"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert text.index("preprocess.sbatch") < text.index("train.sbatch") < text.index("serve.sbatch")
+    assert "#SBATCH --dependency=afterok:<preprocess>" in text or "afterok:<preprocess>" in text
+    assert sorted(p.name for p in (tmp_path / "run" / "sbatch").iterdir()) == [
+        "preprocess.sbatch", "serve.sbatch", "train.sbatch"]
+    assert subprocess.run(["squeue", "-h", "-n", "demo-train"], capture_output=True, text=True).stdout == ""
+
+
+def test_hand_submitted_array_matches_the_launcher(make_recipe, tmp_path):
+    """`sbatch --array=0-3 slurm/preprocess.sbatch recipe.yaml` writes the same shards as the launcher's array."""
+    recipe = chain_recipe(make_recipe)
+    launch.save_recipe(recipe)
+    out = subprocess.run(["sbatch", "--parsable", "--array=0-3", f"--output={tmp_path}/pre-%A_%a.out",
+                          str(ROOT / "slurm" / "preprocess.sbatch"), str(RunDir.of(recipe).recipe)],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    job = out.stdout.strip().split(";")[0]
+    states = wait_for_jobs([job], timeout=240)
+    assert set(states.values()) == {"COMPLETED"}, (states, [p.read_text() for p in tmp_path.glob("pre-*.out")])
+    from ftlib.data.preprocess import shards_status
+    assert shards_status(recipe)["missing"] == []
