@@ -59,6 +59,8 @@ class DataSource:
                       "completion (raw text).", choices=["alpaca", "messages", "completion"])
     split: str = opt("train", "Split to read when the source is a saved DatasetDict or a hub data set.")
     max_rows: Optional[int] = opt(None, "Read at most this many rows from this source (quick runs).")
+    fields: Dict[str, str] = opt({}, "Field names of this source where they differ from the format's, format name: "
+                                 "source name (e.g. {output: response, messages: conversations}).")
 
 
 @dataclass
@@ -66,8 +68,8 @@ class DataConfig:
     sources: List[DataSource] = opt(help="Where the examples come from; several sources are mixed.")
     prompt_style: str = opt("instruct", "Alpaca prompt style of the notebook: instruct (### Instruction/### Response) "
                             "or chat (USER:/ASSISTANT:).", choices=["instruct", "chat"])
-    chat_template: Optional[str] = opt(None, "Jinja chat template for `messages` rows when the tokenizer has none "
-                                       "(default: a documented built-in template).")
+    chat_template: Optional[str] = opt(None, "Jinja chat template for `messages` rows (default: the tokenizer's, "
+                                       "else ftlib.data.formats.DEFAULT_CHAT_TEMPLATE).")
     sequence_len: int = opt(256, "Maximum tokens per training sequence.")
     train_on_inputs: bool = opt(False, "Also train on prompt tokens (default: prompt labels are -100).")
     too_long: str = opt("truncate", "What to do with rows longer than sequence_len.", choices=["truncate", "drop"])
@@ -75,7 +77,8 @@ class DataConfig:
     eval_fraction: float = opt(0.02, "Fraction of rows held out for evaluation.")
     split_seed: int = opt(42, "Seed of the train/eval split (independent of the number of shards).")
     packing: bool = opt(False, "Pack several examples into each sequence_len window (no padding, no cross-attention).")
-    max_bad_fraction: float = opt(0.01, "Fail preprocessing when more than this fraction of rows is malformed.")
+    max_bad_fraction: float = opt(0.01, "Fail preprocessing when more than this fraction of rows is malformed "
+                                  "(checked in each shard).")
     cache_dir: str = opt("cache/tokenized", "Where tokenized shards are written, keyed by a fingerprint.", path=True)
 
 
@@ -149,13 +152,19 @@ class ServeConfig:
     max_replicas: int = opt(2, "Autoscaling upper bound.")
     cpus_per_replica: float = opt(1.0, "CPUs each replica reserves.")
     gpus_per_replica: float = opt(0.0, "GPUs each replica reserves.")
-    max_batch_size: int = opt(8, "Concurrent requests batched into one generate call.")
-    batch_wait_timeout_s: float = opt(0.05, "How long a batch waits to fill.")
+    max_batch_size: int = opt(8, "Concurrent requests batched into one generate call (1: no batching).")
+    batch_wait_timeout_s: float = opt(0.01, "How long a batch waits to fill (a lone request waits this long).")
     port: int = opt(0, "HTTP port (0: a free port chosen per job).")
+    http_host: Optional[str] = opt(None, "Address the HTTP proxy binds (default: the head node's address; 0.0.0.0: "
+                                   "every interface).")
     max_new_tokens: int = opt(256, "Upper limit a request may ask for.")
     default_max_new_tokens: int = opt(64, "max_tokens when a request gives none.")
     max_num_beams: int = opt(4, "Upper limit on beams.")
-    max_concurrent_requests: int = opt(64, "Requests queued per replica before 503.")
+    max_prompts_per_request: int = opt(16, "Prompts one request may carry (a list in `POST /` or in `prompt`).")
+    max_concurrent_requests: int = opt(64, "Requests a replica works on at once; as many more wait, then 503.")
+    startup_timeout_s: int = opt(600, "Fail, naming the missing nodes, if the Ray nodes have not all joined and the "
+                                 "app is not answering within this time.")
+    dashboard: bool = opt(False, "Run Ray's dashboard (loopback only; costs about 1 GB of memory).")
 
 
 @dataclass
@@ -266,6 +275,8 @@ def _apply_override(cfg: DictConfig, override: str) -> DictConfig:
         OmegaConf.update(cfg, key.strip(), value, merge=True)
     except OmegaConfBaseException as e:
         raise RecipeError(f"command line: {_key(e) or key}: {_reason(e, cfg)}") from None
+    except Exception as e:  # a YAML syntax error in the value
+        raise RecipeError(f"command line: {key}: cannot parse value {text!r}: {' '.join(str(e).split())}") from None
     return cfg
 
 
@@ -373,6 +384,9 @@ def _check(r: Recipe, top: str) -> None:
         "train.eval_steps": r.train.eval_steps, "train.save_steps": r.train.save_steps,
         "train.logging_steps": r.train.logging_steps, "lora.r": r.lora.r,
         "serve.max_batch_size": r.serve.max_batch_size, "serve.replicas": r.serve.replicas,
+        "serve.max_new_tokens": r.serve.max_new_tokens, "serve.default_max_new_tokens": r.serve.default_max_new_tokens,
+        "serve.max_num_beams": r.serve.max_num_beams, "serve.max_prompts_per_request": r.serve.max_prompts_per_request,
+        "serve.max_concurrent_requests": r.serve.max_concurrent_requests,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -399,10 +413,19 @@ def _check(r: Recipe, top: str) -> None:
         fail("model.quantization", "8-bit bases cannot be sharded by ZeRO-3; use 4bit (QLoRA) or zero_stage <= 2")
     if r.deepspeed.offload_params and r.deepspeed.zero_stage != 3:
         fail("deepspeed.offload_params", "parameter offload needs zero_stage: 3")
+    if r.deepspeed.offload_optimizer and r.deepspeed.zero_stage == 0:
+        fail("deepspeed.offload_optimizer", "optimizer offload needs zero_stage 1, 2 or 3")
+    if r.deepspeed.offload_optimizer and r.train.optimizer != "adamw_torch":
+        fail("train.optimizer", f"{r.train.optimizer} cannot run on offloaded optimizer states (DeepSpeed's CPU "
+             "Adam does); use adamw_torch or deepspeed.offload_optimizer: false")
     if r.train.precision == "fp16" and r.model.dtype == "bfloat16":
         fail("train.precision", "fp16 mixed precision with bfloat16 weights; use bf16")
     if r.serve.default_max_new_tokens > r.serve.max_new_tokens:
         fail("serve.default_max_new_tokens", f"exceeds serve.max_new_tokens ({r.serve.max_new_tokens})")
+    if r.serve.batch_wait_timeout_s < 0:
+        fail("serve.batch_wait_timeout_s", f"must not be negative, got {r.serve.batch_wait_timeout_s}")
+    if not 0 <= r.serve.port <= 65535:
+        fail("serve.port", f"must be 0 (choose one) or a port number, got {r.serve.port}")
     if r.serve.autoscaling and not 1 <= r.serve.min_replicas <= r.serve.max_replicas:
         fail("serve.min_replicas", "need 1 <= min_replicas <= max_replicas")
 

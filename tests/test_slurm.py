@@ -41,10 +41,18 @@ def wait_for_jobs(job_ids, timeout: float):
     raise TimeoutError(f"jobs {job_ids} not finished after {timeout} s: {rows}")
 
 
-def chain_recipe(make_recipe, *extra):
+def with_setup(tmp_path, stage: str, *lines: str) -> Path:
+    """A recipe on top of the demo whose `slurm.<stage>.setup` runs these shell lines before the task."""
+    child = tmp_path / "recipe.yaml"
+    child.write_text(json.dumps({"base": str(ROOT / "recipes" / "demo.yaml"), "slurm": {stage: {"setup": list(lines)}}}))
+    return child
+
+
+def chain_recipe(make_recipe, *extra, base=ROOT / "recipes" / "demo.yaml"):
+    """The demo on Slurm, small: 4 shards (2 at a time) of 400 rows, then 6 steps of 2-node training."""
     return make_recipe("run.launcher=slurm", "data.num_shards=4", "slurm.preprocess.array_parallelism=2",
                        "data.sources[0].max_rows=400", "train.max_steps=6", "train.eval_steps=3",
-                       "train.save_steps=3", "train.logging_steps=1", "serve.enabled=false", *extra)
+                       "train.save_steps=3", "train.logging_steps=1", "serve.enabled=false", *extra, base=base)
 
 
 def test_chain_array_then_two_node_training(make_recipe):
@@ -91,7 +99,7 @@ def test_failing_shard_cancels_dependents_and_rerun_redoes_only_it(make_recipe, 
     healed = tmp_path / "healed"
     inject = (f"if [ \"$SLURM_ARRAY_TASK_ID\" = 2 ] && [ ! -e {healed} ]; then "
               "echo 'injected failure on shard 2' >&2; exit 3; fi")
-    recipe = chain_recipe(make_recipe, f"slurm.preprocess.setup=[\"{inject}\"]")
+    recipe = chain_recipe(make_recipe, base=with_setup(tmp_path, "preprocess", inject))
     pre, train = launch.submit(recipe, ["preprocess", "train"])
     states = wait_for_jobs([pre.job_id, train.job_id], timeout=300)
     assert states[f"{pre.job_id}_2"] == "FAILED"
@@ -109,8 +117,8 @@ def test_failing_shard_cancels_dependents_and_rerun_redoes_only_it(make_recipe, 
     assert shards_status(recipe)["missing"] == []
 
 
-def test_cancel_cancels_the_whole_chain(make_recipe):
-    recipe = chain_recipe(make_recipe, "slurm.preprocess.setup=['sleep 60']")
+def test_cancel_stops_the_whole_chain(make_recipe, tmp_path):
+    recipe = chain_recipe(make_recipe, base=with_setup(tmp_path, "preprocess", "sleep 60"))
     submitted = launch.submit(recipe, ["preprocess", "train"])
     ids = status.cancel(RunDir.of(recipe))
     assert ids == [s.job_id for s in submitted]
