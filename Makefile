@@ -52,5 +52,20 @@ logs: $(SETUP)                        ## a stage's log: RUN=... [STAGE=train] [T
 cancel: $(SETUP)                      ## cancel a run's jobs
 	$(FT) cancel $(RUN)
 
+report: $(SETUP)                      ## report.md and plots in the run directory
+	$(FT) report $(RUN)
+
+eval: $(SETUP)                        ## held-out loss of base vs adapter: RUN=... [DATA=file.jsonl]
+	$(FT) eval $(RUN) $(OVERRIDES) $(if $(DATA),--data $(DATA))
+
+export: $(SETUP)                      ## merged full model in RUN/merged
+	$(FT) export $(RUN) $(OVERRIDES)
+
+tensorboard: $(SETUP)                 ## TensorBoard over RUNS on loopback; prints the ssh -L line
+	$(FT) tensorboard $(RUNS)
+
+tunnel: $(SETUP)                      ## the ssh -L line to RUN's endpoint [OPEN=1 runs it] [LOGIN_HOST=...]
+	$(FT) tunnel $(RUN) $(if $(LOGIN_HOST),--login-host $(LOGIN_HOST)) $(if $(OPEN),--open)
+
 schema: $(SETUP)                      ## print the recipe reference
 	$(FT) schema

@@ -8,6 +8,11 @@
     python -m ftlib status [RUN]                         stages, states, failures (all runs without RUN)
     python -m ftlib logs RUN [--stage S] [--task K]      a stage's log
     python -m ftlib cancel RUN                           cancel the run's jobs
+    python -m ftlib report RUN                           report.md + plots in the run directory
+    python -m ftlib eval RUN [--data file.jsonl]         held-out loss/perplexity, base vs adapter
+    python -m ftlib export RUN                           merged full model in RUN/merged
+    python -m ftlib tensorboard [RUNS]                   TensorBoard on loopback + the ssh -L line
+    python -m ftlib tunnel RUN [--open]                  the ssh -L line to a serve job
     python -m ftlib shard RECIPE --index K --num-shards N   one preprocessing shard (slurm/preprocess.sbatch)
     python -m ftlib schema                               the recipe reference (Markdown)
 
@@ -107,14 +112,71 @@ def _post(url: str, body, token: str):
 
 def cmd_status(args):
     from ftlib.rundir import RunDir
-    from slurm.status import status
+    from slurm.status import job_states, status
 
-    runs = [Path(args.run)] if args.run else sorted(p.parent for p in Path("runs").glob("*/recipe.yaml"))
-    for run in runs:
-        print(status(RunDir(run)))
-        print()
+    if args.run:
+        print(status(RunDir(args.run)))
+        return
+    from ftlib.report import run_summaries
+
+    runs = run_summaries(args.runs, job_states=job_states)
     if not runs:
-        print("no runs under runs/")
+        print(f"no runs under {args.runs}/")
+    print(f"{'run':<28}{'stages':<44}{'train loss':>11}{'eval loss':>11}{'tokens/s':>10}")
+    for r in runs:
+        stages = " ".join(f"{name}:{s['state'] or s['launcher']}" for name, s in r["stages"].items()) or "-"
+        print(f"{r['name']:<28}{stages:<44}{_num(r['train_loss']):>11}{_num(r['eval_loss']):>11}"
+              f"{_num(r['tokens_per_s'], 0):>10}")
+
+
+def _num(value, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def cmd_report(args):
+    from ftlib.report import write_report
+
+    print(write_report(args.run))
+
+
+def cmd_eval(args):
+    from ftlib.evaluate import evaluate
+
+    recipe = _load(args.run, args.overrides)
+    results = evaluate(recipe, data=args.data)
+    for name in ("base", "adapter"):
+        r = results.get(name) or {}
+        if r:
+            print(f"{name:<8} loss {r.get('loss', float('nan')):.4f}  perplexity {r.get('perplexity', float('nan')):.2f}")
+    print(f"generations side by side: {Path(recipe.run.dir) / 'eval' / 'generations.md'}")
+
+
+def cmd_export(args):
+    from ftlib.export import export
+
+    print(export(_load(args.run, args.overrides)))
+
+
+def cmd_tensorboard(args):
+    from ftlib.tensorboard import serve
+
+    serve(args.runs)
+
+
+def cmd_tunnel(args):
+    import shlex
+    import subprocess
+
+    from ftlib.rundir import RunDir
+    from ftlib.serve.tunnel import ssh_command
+    from ftlib.tensorboard import login_host
+
+    command = ssh_command(RunDir(args.run).endpoint, args.login_host or login_host(), args.local_port)
+    print(command)
+    print(f"then: curl -H \"Authorization: Bearer $(cat {RunDir(args.run).token})\" "
+          f"http://localhost:{args.local_port}/v1/models")
+    if args.open:
+        subprocess.run(shlex.split(command), check=False)
 
 
 def cmd_logs(args):
@@ -175,8 +237,24 @@ def parser() -> argparse.ArgumentParser:
             "--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
     d = add("demo", cmd_demo, recipe=False, help="the whole pipeline locally on the embedded default")
     d.add_argument("overrides", nargs="*")
-    s = add("status", cmd_status, recipe=False, help="state of a run's stages")
+    s = add("status", cmd_status, recipe=False, help="state of a run's stages (all runs without RUN)")
     s.add_argument("run", nargs="?")
+    s.add_argument("--runs", default="runs", help="where runs live (without RUN)")
+    add("report", cmd_report, recipe=False, help="report.md and plots of a run").add_argument("run")
+    s = add("eval", cmd_eval, recipe=False, help="held-out loss of base vs adapter, generations side by side")
+    s.add_argument("run")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--data", default=None, help="an alpaca-format file instead of the run's eval split")
+    s = add("export", cmd_export, recipe=False, help="merge the adapter into a full model (merged/)")
+    s.add_argument("run")
+    s.add_argument("overrides", nargs="*")
+    add("tensorboard", cmd_tensorboard, recipe=False, help="TensorBoard over all runs, on loopback").add_argument(
+        "runs", nargs="?", default="runs")
+    s = add("tunnel", cmd_tunnel, recipe=False, help="the ssh -L command that reaches a serve job")
+    s.add_argument("run")
+    s.add_argument("--login-host", default=None, help="default: this machine's name")
+    s.add_argument("--local-port", type=int, default=8000)
+    s.add_argument("--open", action="store_true", help="run the ssh command")
     s = add("logs", cmd_logs, recipe=False, help="a stage's log")
     s.add_argument("run")
     s.add_argument("--stage", default="train", choices=["preprocess", "train", "serve"])
@@ -204,7 +282,9 @@ def main(argv=None) -> int:
     except Exception as e:
         from slurm.launch import LaunchError
 
-        if isinstance(e, (LaunchError, FileNotFoundError)):
+        from ftlib.data import DataError
+
+        if isinstance(e, (LaunchError, FileNotFoundError, DataError, ValueError)):
             print(f"error: {e}", file=sys.stderr)
             return 1
         raise
