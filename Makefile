@@ -67,5 +67,5 @@ tensorboard: $(SETUP)                 ## TensorBoard over RUNS on loopback; prin
 tunnel: $(SETUP)                      ## the ssh -L line to RUN's endpoint [OPEN=1 runs it] [LOGIN_HOST=...]
 	$(FT) tunnel $(RUN) $(if $(LOGIN_HOST),--login-host $(LOGIN_HOST)) $(if $(OPEN),--open)
 
-schema: $(SETUP)                      ## print the recipe reference
-	$(FT) schema
+schema: $(SETUP)                      ## regenerate README.md's recipe reference from the schema
+	$(FT) schema --readme README.md

@@ -206,9 +206,12 @@ def cmd_shard(args):
 
 
 def cmd_schema(args):
-    from ftlib.recipe import schema_reference
+    from ftlib.recipe import schema_reference, update_readme
 
-    print(schema_reference(), end="")
+    if args.readme:
+        update_readme(args.readme)
+    else:
+        print(schema_reference(), end="")
 
 
 def _rel(path) -> str:
@@ -263,7 +266,8 @@ def parser() -> argparse.ArgumentParser:
     s = add("shard", cmd_shard, help="one preprocessing shard")
     s.add_argument("--index", type=int, required=True)
     s.add_argument("--num-shards", type=int, required=True)
-    add("schema", cmd_schema, recipe=False, help="the recipe reference")
+    add("schema", cmd_schema, recipe=False, help="the recipe reference").add_argument(
+        "--readme", default=None, help="rewrite this README's recipe reference instead of printing it")
     return p
 
 

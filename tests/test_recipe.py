@@ -117,3 +117,11 @@ def test_cli_show_prints_resolved_recipe():
     out = subprocess.run([sys.executable, "-m", "ftlib", "show", str(DEMO), "train.max_steps=3"],
                          capture_output=True, text=True, cwd=ROOT, check=True)
     assert "max_steps: 3" in out.stdout and str(ROOT / "assets/models/stories260K") in out.stdout
+
+
+def test_readme_reference_matches_schema():
+    text = (ROOT / "README.md").read_text()
+    section = text.split(R.README_START)[1].split(R.README_END)[0]
+    assert section.strip() == R.schema_reference().strip(), "run `make schema` to regenerate README.md's reference"
+    for key in ("train.learning_rate", "slurm.train.nodes", "serve.max_batch_size", "data.sources[].path"):
+        assert f"`{key}`" in section
