@@ -1,0 +1,465 @@
+"""Training: LoRA fine-tuning with the Hugging Face Trainer under DeepSpeed, one call per rank.
+
+    outcome = train(recipe)     # in EVERY rank, with RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR,
+                                # MASTER_PORT set by the launcher (or none of them: a single process)
+
+What one call does, top to bottom:
+  1. installs SIGUSR1/SIGUSR2/SIGTERM handlers that only raise a flag (restored before returning);
+  2. joins the torch.distributed group (ftlib.distributed: fails within train.rendezvous_timeout_s naming the ranks
+     that never came, instead of hanging);
+  3. writes the DeepSpeed JSON generated from the recipe (or a copy of deepspeed.config_file) to the run directory;
+  4. loads data, tokenizer and model (+ quantization + LoRA), builds the Trainer;
+  5. resumes from the latest COMPLETE checkpoint in the run directory, if any (model, optimizer, scheduler, RNG,
+     data position: the loss trajectory continues exactly);
+  6. trains. After every optimizer step the ranks agree (all-reduce) whether any of them got a signal; if so they
+     all save a complete checkpoint of this step and stop -> returns "interrupted" (the launcher requeues; the next
+     call resumes by itself);
+  7. otherwise writes the adapter atomically to adapter/ -> returns "completed".
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import transformers
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import TensorBoardCallback
+
+from ftlib import checkpoints
+from ftlib.data.collate import make_collator
+from ftlib.data.formats import build_prompt
+from ftlib.data.merge import load_splits
+from ftlib.distributed import DistEnv, all_ranks_any, all_ranks_sum, backend, barrier, join
+from ftlib.model import is_zero3, load_model, load_tokenizer
+from ftlib.rundir import RunDir, write_json
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+# Recipe optimizer -> TrainingArguments.optim ("adam_8bit", the notebook's bnb Adam8bit, is passed as a class).
+OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}
+
+
+def train(recipe) -> str:
+    """Train (or resume) the run of `recipe` in this rank. Returns "completed" or "interrupted"."""
+    env = DistEnv.from_environ()
+    run = RunDir(recipe.run_dir)
+    _quiet_libraries()
+    with StopSignals() as stop, _single_process_env(env):
+        join(env, recipe.train.rendezvous_timeout_s)
+        try:
+            outcome = _train(recipe, env, run, stop)
+            barrier()  # nobody leaves while another rank still writes
+            return outcome
+        finally:
+            torch.distributed.destroy_process_group()
+
+
+def _train(recipe, env: DistEnv, run: RunDir, stop: "StopSignals") -> str:
+    say = _printer(env)
+    if (run.adapter / "adapter_config.json").is_file():
+        say(f"already trained: {run.adapter} exists; nothing to do")
+        return "completed"
+    if env.rank == 0:
+        run.root.mkdir(parents=True, exist_ok=True)
+        for p in checkpoints.remove_incomplete(run.checkpoints):
+            say(f"removed incomplete checkpoint {p.name} (no {checkpoints.MARKER} marker)")
+        if recipe.deepspeed.enabled:
+            write_json(run.deepspeed, deepspeed_config(recipe, env.world_size))
+    barrier()  # the DeepSpeed JSON exists, and no rank looks at a checkpoint rank 0 is removing
+    resume = checkpoints.latest_complete(run.checkpoints)
+
+    tokenizer = load_tokenizer(recipe)
+    train_ds, eval_ds = load_splits(recipe)
+    if eval_ds is not None and len(eval_ds) == 0:
+        eval_ds = None
+    # TrainingArguments come before the model: under ZeRO-3 they make from_pretrained load it already sharded.
+    args = training_arguments(recipe, env, run, evaluate=eval_ds is not None)
+    if recipe.deepspeed.enabled:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend())  # adopts the group joined above (ZeRO-3 init needs it)
+    transformers.set_seed(recipe.run.seed)  # LoRA initialisation
+    model = load_model(recipe, for_training=True)
+    if env.rank == 0:
+        trainable, total = model.get_nb_trainable_parameters()
+        say(f"model {recipe.model.name_or_path}: {trainable:,} trainable of {total:,} parameters "
+            f"({100 * trainable / total:.3f}%); {len(train_ds):,} training and "
+            f"{len(eval_ds) if eval_ds is not None else 0:,} evaluation sequences; world size {env.world_size}, "
+            f"gradient accumulation {args.gradient_accumulation_steps}")
+
+    signal_stop = StopOnSignal(stop, say)
+    writer = _tensorboard_writer(run, resume) if env.rank == 0 else None
+    callbacks = [signal_stop, ProgressLines(say), SampleGenerations(recipe, tokenizer, writer, env)]
+    if writer is not None:
+        callbacks.append(TensorBoardCallback(tb_writer=writer))
+    trainer = LoraTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+        data_collator=make_collator(recipe, tokenizer), processing_class=tokenizer, callbacks=callbacks,
+        optimizer_cls_and_kwargs=_notebook_adam8bit(recipe), keep_checkpoints=recipe.train.save_total_limit)
+    trainer.remove_callback(PrinterCallback)  # it prints raw dicts; ProgressLines prints readable lines
+    if resume is not None:
+        say(f"resuming from {resume} (step {checkpoints.step_of(resume)})")
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    say(f"peak memory: {_peak_memory_text()}", every_rank=True)
+
+    if signal_stop.stopped:
+        say(f"stopped by {signal_stop.signal_name} after a complete checkpoint at step {trainer.state.global_step}")
+        return "interrupted"
+    save_adapter(trainer, run, env)
+    say(f"adapter written to {run.adapter}")
+    return "completed"
+
+
+# ----------------------------------------------------------------------------------------------------- config
+def deepspeed_config(recipe, world_size: Optional[int] = None) -> dict:
+    """The DeepSpeed JSON for the recipe, or the user's own `deepspeed.config_file` (batch sizes, precision and
+    clipping left as "auto" there are filled in by the Trainer)."""
+    if recipe.deepspeed.config_file:
+        with open(recipe.deepspeed.config_file) as f:
+            return json.load(f)
+    t, d = recipe.train, recipe.deepspeed
+    world_size = world_size or recipe.world_size
+    cuda = torch.cuda.is_available()
+    zero: dict = {"stage": d.zero_stage}
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+    if d.zero_stage == 3:
+        # The adapter is written from the gathered (unsharded) weights at the end and in every checkpoint.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if d.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
+    config = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps(recipe, world_size),
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10 ** 9,  # the Trainer prints progress; DeepSpeed's own lines would only repeat it
+        "wall_clock_breakdown": False,
+    }
+    if d.offload_optimizer:
+        # Offloaded optimizer states need DeepSpeed's CPU Adam: name the optimizer here (the schedule stays the
+        # Trainer's). The recipe check rejects 8-bit optimizers with offload.
+        config["optimizer"] = {"type": "AdamW", "params": {
+            "lr": t.learning_rate, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": t.weight_decay}}
+    return config
+
+
+def gradient_accumulation_steps(recipe, world_size: int) -> int:
+    """Global batch = micro-batch x accumulation x world size, for the world size we actually run with."""
+    t = recipe.train
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ValueError(f"train.global_batch_size: {t.global_batch_size} is not divisible by micro_batch_size × "
+                         f"world size = {t.micro_batch_size} × {world_size}")
+    return t.global_batch_size // per_step
+
+
+def training_arguments(recipe, env: DistEnv, run: RunDir, evaluate: bool = True) -> TrainingArguments:
+    t = recipe.train
+    return TrainingArguments(
+        output_dir=str(run.checkpoints),
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps(recipe, env.world_size),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        optim=OPTIMIZERS.get(t.optimizer, "adamw_torch"),
+        max_grad_norm=t.max_grad_norm,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=t.eval_steps,
+        prediction_loss_only=True,  # evaluation needs the loss only; never gather vocabulary-sized logits
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=None,  # LoraTrainer rotates, counting only complete checkpoints
+        seed=recipe.run.seed,
+        data_seed=recipe.run.seed,
+        deepspeed=str(run.deepspeed) if recipe.deepspeed.enabled else None,
+        use_cpu=not torch.cuda.is_available(),  # else the Trainer reads world size 1 on a CPU-only host
+        report_to="none",  # TensorBoard is added as a callback with our own writer (rank 0 only)
+        disable_tqdm=True,  # Slurm logs get one plain line per logging step instead
+        remove_unused_columns=False,  # the collator knows the columns (packing adds position_ids)
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        log_level="warning",
+    )
+
+
+def _notebook_adam8bit(recipe):
+    """The notebook's optimizer (bitsandbytes Adam8bit), which TrainingArguments.optim has no name for."""
+    if recipe.train.optimizer != "adam_8bit":
+        return None
+    import bitsandbytes as bnb
+
+    return bnb.optim.Adam8bit, {"lr": recipe.train.learning_rate, "betas": (0.9, 0.999), "eps": 1e-8}
+
+
+# ----------------------------------------------------------------------------------------------------- trainer
+class LoraTrainer(Trainer):
+    """The HF Trainer plus: checkpoints marked complete after all ranks saved (and rotated only among complete
+    ones), and tokens/s and padding fraction added to every training log."""
+
+    def __init__(self, *args, keep_checkpoints: Optional[int] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_checkpoints = keep_checkpoints
+        self._tokens = torch.zeros(2, dtype=torch.float64)  # non-padding tokens, all tokens (this rank)
+        self._clock: Optional[float] = None  # starts with the first training step, after all the set-up
+        self._paused = 0.0  # seconds spent evaluating and saving since the last log
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._clock is None:
+            self._clock = time.monotonic()
+        real = count_real_tokens(inputs, self.processing_class.pad_token_id)
+        self._tokens += torch.tensor([real, inputs["input_ids"].numel()], dtype=torch.float64)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs:  # a training log: the same call happens on every rank, so a collective is safe
+            real, total = all_ranks_sum(self._tokens.tolist(), device=self.args.device)
+            now = time.monotonic()
+            seconds = max(now - (self._clock or now) - self._paused, 1e-9)
+            logs["tokens"] = real  # non-padding tokens since the last log, all ranks
+            logs["tokens_per_second"] = real / seconds
+            logs["padding_fraction"] = 1 - real / total if total else 0.0
+            self._tokens.zero_()
+            self._clock, self._paused = now, 0.0
+        super().log(logs, start_time)
+
+    def evaluate(self, *args, **kwargs):
+        started = time.monotonic()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._paused += time.monotonic() - started
+
+    def _save_checkpoint(self, model, trial):
+        started = time.monotonic()
+        super()._save_checkpoint(model, trial)
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        barrier()  # every rank has written its shards and RNG state
+        if self.args.should_save:
+            checkpoints.mark_complete(folder, self.state.global_step)
+            checkpoints.rotate(folder.parent, self.keep_checkpoints)
+        self._paused += time.monotonic() - started
+
+
+def count_real_tokens(batch, pad_token_id: int) -> int:
+    """Tokens of a batch that are not padding. Padded batches say so in attention_mask; packed batches have none
+    and end each row with a block of pad tokens that are never trained (labels -100), counted from the end."""
+    if batch.get("attention_mask") is not None:
+        return int(batch["attention_mask"].sum())
+    pad = (batch["input_ids"] == pad_token_id) & (batch["labels"] == -100)
+    trailing = pad.flip(1).int().cumprod(1).sum()  # per row: length of the run of padding at its end
+    return int(batch["input_ids"].numel() - trailing)
+
+
+def save_adapter(trainer: Trainer, run: RunDir, env: DistEnv) -> None:
+    """The LoRA adapter in PEFT format (adapter_config.json + adapter_model.safetensors) in adapter/, written to a
+    temporary folder and renamed, so adapter/ is either absent or complete. All ranks call this (ZeRO-3 gathers)."""
+    partial = run.root / "adapter.partial"
+    if env.rank == 0 and partial.exists():
+        shutil.rmtree(partial)
+    barrier()
+    trainer.save_model(str(partial))  # gathers ZeRO-3 shards; only rank 0 writes
+    barrier()
+    if env.rank == 0:
+        (partial / "training_args.bin").unlink(missing_ok=True)  # the Trainer's extra, not part of an adapter
+        if run.adapter.exists():
+            shutil.rmtree(run.adapter)
+        os.replace(partial, run.adapter)
+    barrier()
+
+
+# ----------------------------------------------------------------------------------------------------- signals
+class StopSignals:
+    """While active, SIGUSR1 (Slurm's warning before the time limit), SIGUSR2 (preemption) and SIGTERM only set
+    `received`; the previous handlers come back on exit (the launcher's, e.g. submitit's requeue)."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        if _in_main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class StopOnSignal(TrainerCallback):
+    """At every optimizer-step boundary all ranks agree whether any of them got a stop signal; if so, all save a
+    checkpoint of this step (skipping an evaluation that was due, to stay inside Slurm's grace time) and stop."""
+
+    def __init__(self, stop: StopSignals, say):
+        self.stop, self.say = stop, say
+        self.stopped = False
+        self.signal_name = ""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            return control  # the last step: training ends (with a checkpoint) and the adapter is written anyway
+        if all_ranks_any(self.stop.received is not None, device=args.device):
+            self.stopped = True
+            self.signal_name = signal.Signals(self.stop.received).name if self.stop.received else "another rank"
+            self.say(f"stop requested ({self.signal_name}): saving checkpoint-{state.global_step} on every rank")
+            control.should_save = True
+            control.should_evaluate = False
+            control.should_training_stop = True
+        return control
+
+
+# ----------------------------------------------------------------------------------------------------- logging
+class ProgressLines(TrainerCallback):
+    """One plain line per logging step (rank 0): readable in a Slurm log, unlike carriage-return progress bars."""
+
+    def __init__(self, say):
+        self.say = say
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.first_step = time.monotonic(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        head = f"step {state.global_step}/{state.max_steps}"
+        if "loss" in logs:
+            done = state.global_step - self.first_step
+            eta = (time.monotonic() - self.started) / done * (state.max_steps - state.global_step) if done else 0
+            self.say(f"{head} | loss {logs['loss']:.4f} | lr {logs.get('learning_rate', 0):.3g} | "
+                     f"grad_norm {logs.get('grad_norm', float('nan')):.3g} | "
+                     f"tokens/s {logs.get('tokens_per_second', 0):,.0f} | "
+                     f"padding {100 * logs.get('padding_fraction', 0):.1f}% | eta {_duration(eta)}")
+        elif "eval_loss" in logs:
+            self.say(f"{head} | eval_loss {logs['eval_loss']:.4f}")
+
+
+class SampleGenerations(TrainerCallback):
+    """At each evaluation, greedy generations from the fixed `train.sample_prompts` (in the recipe's prompt style)
+    go to TensorBoard as text, so a run's progress can be read, not only plotted."""
+
+    def __init__(self, recipe, tokenizer, writer, env: DistEnv):
+        self.prompts = list(recipe.train.sample_prompts)
+        self.max_new_tokens = recipe.train.sample_max_new_tokens
+        self.recipe, self.tokenizer, self.writer, self.env = recipe, tokenizer, writer, env
+        # ZeRO-3 shards the weights: every rank must take part in every forward pass of the generation.
+        self.all_ranks = is_zero3(recipe)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if not self.prompts or model is None or not (self.all_ranks or self.env.rank == 0):
+            return
+        was_training = model.training
+        model.eval()
+        texts = []
+        with torch.no_grad():
+            for instruction in self.prompts:
+                prompt = build_prompt(instruction, self.recipe.data.prompt_style)  # as serving formats it
+                enc = self.tokenizer(prompt, return_tensors="pt").to(args.device)
+                out = model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False, use_cache=True,
+                                     pad_token_id=self.tokenizer.pad_token_id, synced_gpus=self.all_ranks)
+                completion = self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                texts.append(f"**{instruction}**\n\n{completion.strip()}")
+        model.train(was_training)
+        if self.writer is not None:
+            for i, text in enumerate(texts):
+                self.writer.add_text(f"samples/{i}", text, state.global_step)
+            self.writer.flush()
+
+
+def _tensorboard_writer(run: RunDir, resume: Optional[Path]):
+    from torch.utils.tensorboard import SummaryWriter
+
+    # Resuming from step N: TensorBoard drops the events of steps after N that the interrupted attempt logged (and
+    # a fresh start drops everything an attempt that never reached a checkpoint logged).
+    purge = checkpoints.step_of(resume) + 1 if resume is not None else 0
+    return SummaryWriter(log_dir=str(run.tensorboard), purge_step=purge)
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _single_process_env(env: DistEnv):
+    """Without a launcher (WORLD_SIZE unset) Accelerate and DeepSpeed still want the variables of a 1-process
+    group; set them for the duration of the call only."""
+    if "WORLD_SIZE" in os.environ:
+        yield
+        return
+    added = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    added = {k: v for k, v in added.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _quiet_libraries() -> None:
+    """Keep Slurm logs readable: no weight-loading progress bars, no per-call bitsandbytes cast warnings."""
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+        lambda record: "inputs will be cast" not in record.getMessage())
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.\w+` is deprecated")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing` is deprecated")
+
+
+def _printer(env: DistEnv):
+    def say(text: str, every_rank: bool = False):
+        if every_rank or env.rank == 0:
+            prefix = f"[train rank {env.rank}] " if every_rank else "[train] "
+            print(time.strftime("%H:%M:%S ") + prefix + text, flush=True)
+
+    return say
+
+
+def _peak_memory_text() -> str:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+    text = f"{rss:.2f} GiB RSS"
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB GPU"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds) if math.isfinite(seconds) else 0
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
