@@ -30,6 +30,8 @@ class Train(submitit.helpers.Checkpointable):
         use_gpus = recipe.slurm.train.gpus_per_node > 0
         if not use_gpus:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # Name nodes in rendezvous errors by their Slurm name (on the test cluster all share one hostname).
+        os.environ.setdefault("FTLIB_NODE_NAME", os.environ.get("SLURMD_NODENAME", ""))
         # MASTER_ADDR is the first node; MASTER_PORT is derived from the job id, so two jobs sharing a node differ.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=use_gpus, overwrite=True)
         from ftlib.train import train

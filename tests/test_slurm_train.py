@@ -1,0 +1,87 @@
+"""Multi-node training on the REAL two-node Slurm cluster: ZeRO-3 across both nodes, and preemption —
+`scancel --signal=USR2` mid-run makes every rank save a checkpoint, submitit requeues the job, the restarted job
+resumes from that checkpoint, and its loss trajectory equals an uninterrupted run of the same recipe."""
+import re
+import subprocess
+import time
+
+import pytest
+
+from ftlib.data.preprocess import run_shard
+from ftlib.report import read_events, series
+from ftlib.rundir import RunDir
+from slurm import launch, status
+from tests.test_slurm import cluster, sacct, wait_for_jobs  # noqa: F401 (cluster: the session fixture)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def two_node_recipe(make_recipe, *extra):
+    recipe = make_recipe("run.launcher=slurm", "data.sources[0].max_rows=300", "serve.enabled=false",
+                         "train.logging_steps=1", *extra)
+    for k in range(recipe.data.num_shards):  # preprocessing is not what these tests are about
+        run_shard(recipe, k, recipe.data.num_shards)
+    return recipe
+
+
+def losses(recipe):
+    return [(p.step, round(p.value, 6)) for p in series(read_events(RunDir.of(recipe).tensorboard), "train_loss")]
+
+
+@pytest.mark.timeout(600)
+def test_zero3_across_two_nodes(make_recipe):
+    recipe = two_node_recipe(make_recipe, "deepspeed.zero_stage=3", "train.max_steps=8", "train.eval_steps=4",
+                             "train.save_steps=4")
+    (job,) = launch.submit(recipe, ["train"])
+    states = wait_for_jobs([job.job_id], timeout=480)
+    assert states[job.job_id] == "COMPLETED", status.status(RunDir.of(recipe))
+    step = next(r for r in sacct(job.job_id, "JobID", "NodeList", steps=True) if r["JobID"] == f"{job.job_id}.0")
+    assert step["NodeList"] == "node[1-2]"
+    run = RunDir.of(recipe)
+    curve = losses(recipe)
+    assert len(curve) == 8 and curve[-1][1] < curve[0][1], curve
+    assert series(read_events(run.tensorboard), "eval_loss")
+    assert '"stage": 3' in run.deepspeed.read_text().replace("\n", "").replace("  ", " ") or \
+        '"stage":3' in run.deepspeed.read_text().replace(" ", "")
+    assert (run.adapter / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.timeout(900)
+def test_preemption_checkpoints_requeues_and_resumes_exactly(make_recipe, tmp_path_factory):
+    schedule = ("train.max_steps=40", "train.eval_steps=20", "train.save_steps=100", "train.warmup_steps=2")
+    preempted = two_node_recipe(make_recipe, *schedule)
+    reference = make_recipe(*preempted_overrides(preempted, tmp_path_factory.mktemp("reference")), *schedule)
+    (job,) = launch.submit(preempted, ["train"])
+    (ref_job,) = launch.submit(reference, ["train"])
+
+    # Signal once the run is a few steps in: Slurm delivers USR2 to every task of the job step.
+    log = status.log_path(RunDir.of(preempted), "train", 0)
+    deadline = time.time() + 300
+    while time.time() < deadline and not re.search(r"step ([5-9]|\d\d)/40", _read(log)):
+        time.sleep(0.5)
+    assert re.search(r"step \d+/40", _read(log)), _read(log)[-2000:]
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+
+    states = wait_for_jobs([job.job_id, ref_job.job_id], timeout=780)
+    assert set(states.values()) == {"COMPLETED"}, (states, status.status(RunDir.of(preempted)))
+    restarts = subprocess.run(["scontrol", "show", "job", job.job_id], capture_output=True, text=True).stdout
+    assert "Restarts=1" in restarts or sacct(job.job_id, "JobID", "State", steps=False), restarts
+    text = _read(log)
+    assert "resum" in text.lower(), text[-3000:]  # the restarted job said it resumed from a checkpoint
+
+    interrupted, uninterrupted = losses(preempted), losses(reference)
+    assert [s for s, _ in interrupted] == list(range(1, 41))
+    assert interrupted == uninterrupted
+
+
+def preempted_overrides(recipe, where):
+    """The same recipe in another run directory (same tokenized data)."""
+    return ["run.launcher=slurm", "data.sources[0].max_rows=300", "serve.enabled=false", "train.logging_steps=1",
+            f"run.dir={where / 'run'}"]
+
+
+def _read(path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
