@@ -252,7 +252,7 @@ def _wait_local(sub: Submitted, follow: bool) -> None:
         _print_new(sub.jobs[0].paths.stdout, printed)
     for j in sub.jobs:
         try:
-            j.result()
+            j.results()  # every task of the job (ranks)
         except Exception as e:  # submitit re-raises the task's exception with its traceback as text
             log = j.paths.stderr
             last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
