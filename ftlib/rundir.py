@@ -12,12 +12,14 @@ runs/<name>/
   merged/                the merged full model (`make export`)
   endpoint.json          where the endpoint listens, while serving
   serve_token            the endpoint's API token (mode 600; endpoint.json names this file, never the token)
+  serve_head.json        while a serve job runs: its Ray head's address and cluster token for the other nodes (mode 600)
   report.md, plots/      `make report`
 """
 from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ class RunDir:
     merged = property(lambda self: self.root / "merged")
     endpoint = property(lambda self: self.root / "endpoint.json")
     token = property(lambda self: self.root / "serve_token")
+    serve_head = property(lambda self: self.root / "serve_head.json")
     report = property(lambda self: self.root / "report.md")
     plots = property(lambda self: self.root / "plots")
     eval = property(lambda self: self.root / "eval")
@@ -57,7 +60,7 @@ def write_atomic(path: str | os.PathLike, text: str, mode: int | None = None) ->
     """Write a file under a temporary name, then rename: readers see the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # unique across nodes
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if mode is None else mode)
     with os.fdopen(fd, "w") as f:
         f.write(text)

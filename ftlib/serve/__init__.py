@@ -1,0 +1,8 @@
+"""Serving: LoRA adapters on Ray Serve behind an OpenAI-compatible HTTP API.
+
+  engine.py    Generator: the base model + named adapters, batched generation (no Ray)
+  app.py       the Serve deployment and its FastAPI routes (notebook format, /v1/*, /health)
+  cluster.py   run_node: the Ray cluster of a serve job (head + workers, ports, tokens, endpoint.json)
+  local.py     serve_foreground / start_local: the same on this machine
+  tunnel.py    ssh_command: reach the endpoint through the login node
+"""

@@ -1,0 +1,392 @@
+"""A Ray cluster on the nodes of one serve job, and the Serve application on it.
+
+`run_node(recipe, node_rank, hostnames, job_id)` runs once on every node of the allocation (the executor in
+slurm/ calls it; `make serve` with launcher=local calls it once through ftlib.serve.local):
+
+  rank 0   starts the Ray head and publishes its address and the cluster's token in serve_head.json (mode 600),
+           waits until every node has joined, deploys the Serve application (HTTP proxy on this node only),
+           writes the API token (serve_token, mode 600) and then endpoint.json, and blocks.
+  rank k   waits for serve_head.json of the same job, starts a Ray worker pointed at the head, and blocks.
+
+Each blocks until SIGTERM, SIGINT or SIGUSR2 (Slurm's time limit, `make cancel`, Ctrl-C), a `stop` event, or an
+optional time limit, then takes down what it started, and only that: rank 0 removes endpoint.json and the token,
+shuts Serve down, and every rank stops its own `ray start` (never `ray stop`, which would kill every Ray of the user
+on the host) and deletes its temporary directory.
+
+Ports. Every Ray port (GCS, node manager, object manager, worker range, dashboard and its agent, metrics,
+runtime-env agent, client server) and the HTTP port of a node come from one block of 128 ports in 20000-31999
+(below Linux's ephemeral range). The first block tried is derived from the job id and the node rank; a block is
+taken only if this host has no other ftlib node holding it (a lock file, held while the node runs) and every port
+in it is free. So two serve jobs on one node, or two nodes of a test cluster on one host, never collide. The other
+nodes learn the head's port from serve_head.json.
+
+Security. Ray's control plane uses token authentication with a token made for this job (RAY_AUTH_MODE=token; the
+token travels in files of mode 600, never on a command line or in a log). The dashboard, when on, listens on
+loopback only. Ray's temporary directory is /tmp/ftr-<job>-<rank>: Unix socket paths must stay under 107 bytes.
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import List, Optional
+
+from ftlib.rundir import RunDir, read_json, write_atomic, write_json
+
+PORT_RANGE = (20000, 32000)  # Ray's own defaults use 6379, 8265, 10002-19999; Linux's ephemeral range starts at 32768
+BLOCK = 128
+NAMED_PORTS = ("gcs", "node_manager", "object_manager", "client_server", "dashboard", "dashboard_agent_http",
+               "dashboard_agent_grpc", "runtime_env_agent", "metrics", "http")
+WORKER_PORTS = (16, BLOCK)  # offsets in the block: 112 ports for Ray's worker processes
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+
+
+def log(msg: str) -> None:
+    print(f"[serve] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------- ports
+@dataclass
+class NodePorts:
+    """The ports of one Ray node, held (by a lock file) until `release()`."""
+    first: int
+    lock: object
+
+    def __getattr__(self, name):
+        if name in NAMED_PORTS:
+            return self.first + NAMED_PORTS.index(name)
+        raise AttributeError(name)
+
+    @property
+    def worker_range(self):
+        return self.first + WORKER_PORTS[0], self.first + WORKER_PORTS[1] - 1
+
+    def release(self) -> None:
+        self.lock.close()
+
+
+def reserve_ports(job_id: str, node_rank: int) -> NodePorts:
+    """A free block of ports for this node of this job (see the module's docstring)."""
+    blocks = (PORT_RANGE[1] - PORT_RANGE[0]) // BLOCK
+    start = zlib.crc32(f"{job_id}/{node_rank}".encode()) % blocks
+    lock_dir = Path(f"/tmp/ftlib-ports-{os.getuid()}")
+    lock_dir.mkdir(mode=0o700, exist_ok=True)
+    for i in range(blocks):
+        first = PORT_RANGE[0] + ((start + i) % blocks) * BLOCK
+        lock = open(lock_dir / f"{first}.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by another ftlib node on this host
+        except BlockingIOError:
+            lock.close()
+            continue
+        if all(_port_free(p) for p in range(first, first + BLOCK)):
+            return NodePorts(first, lock)
+        lock.close()
+    raise RuntimeError(f"no free block of {BLOCK} ports in {PORT_RANGE[0]}-{PORT_RANGE[1] - 1} on this host")
+
+
+def _port_free(port: int) -> bool:
+    # Ray's daemons listen on every interface, so a port is free only if nothing listens on it anywhere.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------- ray nodes
+class RayNode:
+    """One `ray start --block` process of this job on this host, with its ports, temp dir and token file."""
+
+    def __init__(self, job_id: str, node_rank: int, host: str, ray_token: str, head_address: Optional[str] = None,
+                 dashboard: bool = False):
+        self.job_id, self.rank, self.ip = job_id, node_rank, socket.gethostbyname(host)
+        self.temp_dir = Path(f"/tmp/ftr-{job_id}-{node_rank}")
+        self.temp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.token_file = self.temp_dir / "ray_token"
+        write_atomic(self.token_file, ray_token, mode=0o600)
+        self.ports = reserve_ports(job_id, node_rank)
+        self.address = f"{self.ip}:{self.ports.gcs}" if head_address is None else head_address
+        p = self.ports
+        low, high = p.worker_range
+        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats",
+               f"--node-ip-address={self.ip}", f"--temp-dir={self.temp_dir}",
+               f"--num-cpus={len(os.sched_getaffinity(0))}",  # the CPUs Slurm gave this task, not the machine's
+               f"--resources={{\"ftlib_node_{node_rank}\": 1}}",  # lets the head tell which node is missing
+               f"--node-manager-port={p.node_manager}", f"--object-manager-port={p.object_manager}",
+               f"--min-worker-port={low}", f"--max-worker-port={high}",
+               f"--dashboard-agent-listen-port={p.dashboard_agent_http}",
+               f"--dashboard-agent-grpc-port={p.dashboard_agent_grpc}",
+               f"--runtime-env-agent-port={p.runtime_env_agent}", f"--metrics-export-port={p.metrics}"]
+        if head_address is None:
+            cmd += ["--head", f"--port={p.gcs}", f"--ray-client-server-port={p.client_server}",
+                    f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={p.dashboard}"]
+        else:
+            cmd += [f"--address={head_address}"]
+        env = {**os.environ, **ray_auth_env(self.token_file),
+               # The one HTTP proxy is on the head: left to prefer its own node, it would send everything to the
+               # head's replicas until they are full, leaving the other nodes' replicas idle.
+               "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0",
+               # Marks every process of this node (Ray's processes inherit it): tests look for leftovers.
+               "FTLIB_RAY_NODE": f"{job_id}-{node_rank}"}
+        log(f"node {node_rank}: starting Ray {'head' if head_address is None else 'worker'} on {host} ({self.ip}), "
+            f"ports {p.first}-{p.first + BLOCK - 1}, temp dir {self.temp_dir}")
+        # Own session: Ctrl-C at a terminal reaches only us, and we stop Ray in order. The kernel stops Ray if we
+        # die without doing so (parent-death signal).
+        self.process = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_as_own_process)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def wait_until_listening(self, timeout_s: float) -> None:
+        """Until the head's GCS accepts connections (or fail if `ray start` exits)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"ray start exited with status {self.process.returncode} (its output is above)")
+            try:
+                socket.create_connection((self.ip, self.ports.gcs), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"the Ray head did not listen on {self.address} within {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        """SIGTERM to `ray start --block`, which stops its daemons; SIGKILL to its process group if it hangs."""
+        if self.alive():
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                log(f"node {self.rank}: ray start did not stop within 30 s; killing its processes")
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever is left in its session
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        self.ports.release()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def ray_auth_env(token_file: Path) -> dict:
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+
+
+def _as_own_process() -> None:
+    """In the child before exec: take signals again (the mask is inherited), and get SIGTERM if we die."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+# ----------------------------------------------------------------------------------------------------- the job
+def run_node(recipe, node_rank: int, hostnames: List[str], job_id: str, stop: Optional[threading.Event] = None,
+             time_limit_s: Optional[float] = None) -> None:
+    """Run this node of the serve job until stopped (see the module's docstring). Without `stop`, SIGTERM, SIGINT
+    and SIGUSR2 stop it: call it from the main thread, before starting threads of your own (they would have to
+    block these signals too); the signals behave as before once it returns."""
+    job_id = re.sub(r"[^A-Za-z0-9_.-]", "_", str(job_id))[:40]
+    restore = None
+    if stop is None:
+        stop, restore = _stop_on_signals()
+    deadline = time.monotonic() + time_limit_s if time_limit_s else None
+    node = HeadNode(recipe, hostnames, job_id) if node_rank == 0 else WorkerNode(recipe, node_rank, hostnames, job_id)
+    try:
+        node.start(stop)
+        while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            ended = node.ended()
+            if ended:
+                log(f"node {node_rank}: {ended}")
+                break
+            stop.wait(1.0)
+        log(f"node {node_rank}: stopping")
+    finally:
+        node.stop()
+        if restore:
+            restore()
+        log(f"node {node_rank}: stopped")
+
+
+def _stop_on_signals():
+    """An event set by SIGTERM, SIGINT or SIGUSR2, and a function that undoes this.
+
+    The signals are blocked in every thread and taken by one thread with sigtimedwait, rather than caught by a
+    handler: ray.init installs its own SIGTERM handlers (Python's sys.exit and a C++ crash reporter that aborts
+    the process), which would otherwise kill this process halfway through its orderly shutdown."""
+    stop, done = threading.Event(), threading.Event()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # threads started later inherit the mask
+
+    def wait_for_signal():
+        while not done.is_set():
+            if signal.sigtimedwait(STOP_SIGNALS, 0.5) is not None:
+                stop.set()
+
+    waiter = threading.Thread(target=wait_for_signal, name="stop-signals", daemon=True)
+    waiter.start()
+
+    def restore():
+        done.set()
+        waiter.join()
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    return stop, restore
+
+
+class HeadNode:
+    def __init__(self, recipe, hostnames: List[str], job_id: str):
+        self.recipe, self.hostnames, self.job_id = recipe, hostnames, job_id
+        self.run = RunDir.of(recipe)
+        self.ray: Optional[RayNode] = None
+        self.connected = False
+
+    def start(self, stop: threading.Event) -> None:
+        s = self.recipe.serve
+        deadline = time.monotonic() + s.startup_timeout_s
+        ray_token = secrets.token_hex(32)
+        self.ray = RayNode(self.job_id, 0, self.hostnames[0], ray_token, dashboard=s.dashboard)
+        self.ray.wait_until_listening(timeout_s=120)
+        write_json(self.run.serve_head, {"job_id": self.job_id, "address": self.ray.address,
+                                         "node": self.hostnames[0], "ray_token": ray_token}, mode=0o600)
+
+        os.environ.update(ray_auth_env(self.ray.token_file))  # this process is a driver of its cluster: same token
+        import ray
+        from ray import serve
+
+        ray.init(address=self.ray.address, _node_ip_address=self.ray.ip, _temp_dir=str(self.ray.temp_dir),
+                 logging_level="WARNING")
+        self.connected = True
+        self._wait_for_nodes(deadline, stop)
+        if stop.is_set():
+            return
+
+        from ftlib.serve.app import build_app
+
+        bind = s.http_host or self.ray.ip  # the head's address as given (loopback in tests), not Ray's remapping
+        port = s.port or self.ray.ports.http
+        api_token = secrets.token_urlsafe(32)
+        serve.start(http_options={"host": bind, "port": port}, proxy_location="HeadOnly")
+        log(f"deploying the Serve application on {len(self.hostnames)} node(s)")
+        serve.run(build_app(self.recipe, api_token), name="ftlib", route_prefix="/")
+        host = self.hostnames[0] if bind in ("0.0.0.0", "::") else bind
+        url = f"http://{host}:{port}"
+        health = _wait_for_health(url, deadline, stop)
+        if health is None:  # stopped while starting
+            return
+        # The token first, then endpoint.json: whoever sees endpoint.json can read the token.
+        write_atomic(self.run.token, api_token + "\n", mode=0o600)
+        write_json(self.run.endpoint, {
+            "job_id": self.job_id, "node": self.hostnames[0], "host": host, "port": port, "url": url,
+            "models": health["models"], "default_model": health["models"][0], "token_file": str(self.run.token),
+            "nodes": len(self.hostnames), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "pid": os.getpid()})
+        log(f"ready at {url} (models: {', '.join(health['models'])}; token in {self.run.token})")
+
+    def _wait_for_nodes(self, deadline: float, stop: threading.Event) -> None:
+        import ray
+
+        want = {f"ftlib_node_{k}": f"rank {k} ({h})" for k, h in enumerate(self.hostnames)}
+        while not stop.is_set():
+            joined = {r for n in ray.nodes() if n["Alive"] for r in n["Resources"] if r in want}
+            missing = [want[r] for r in want if r not in joined]
+            if not missing:
+                log(f"all {len(want)} node(s) joined")
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"serve.startup_timeout_s ({self.recipe.serve.startup_timeout_s} s) passed and "
+                                   f"these nodes never joined the Ray cluster: {', '.join(missing)}")
+            time.sleep(1)
+
+    def ended(self) -> Optional[str]:
+        """Why this node's work is over (None while it goes on); raises if something broke."""
+        if not self.ray.alive():
+            raise RuntimeError(f"the Ray head exited with status {self.ray.process.returncode}")
+        return None
+
+    def stop(self) -> None:
+        mine = (read_json(self.run.endpoint) or {}).get("job_id") == self.job_id
+        if mine:  # clients stop finding us first; leave another job's files alone
+            self.run.endpoint.unlink(missing_ok=True)
+            self.run.token.unlink(missing_ok=True)
+        if (read_json(self.run.serve_head) or {}).get("job_id") == self.job_id:
+            self.run.serve_head.unlink(missing_ok=True)
+        if self.connected:
+            import ray
+            from ray import serve
+
+            try:
+                serve.shutdown()
+            except Exception as e:  # Ray may be half down already; the node's processes go below anyway
+                log(f"serve.shutdown failed: {e}")
+            ray.shutdown()
+        if self.ray is not None:
+            self.ray.stop()
+
+
+class WorkerNode:
+    def __init__(self, recipe, node_rank: int, hostnames: List[str], job_id: str):
+        self.recipe, self.rank, self.hostnames, self.job_id = recipe, node_rank, hostnames, job_id
+        self.run = RunDir.of(recipe)
+        self.ray: Optional[RayNode] = None
+
+    def start(self, stop: threading.Event) -> None:
+        timeout_s = self.recipe.serve.startup_timeout_s
+        deadline = time.monotonic() + timeout_s
+        while not stop.is_set():
+            head = read_json(self.run.serve_head) or {}
+            if head.get("job_id") == self.job_id:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node {self.rank}: the head (rank 0, {self.hostnames[0]}) did not publish its "
+                                   f"address in {self.run.serve_head} within {timeout_s} s")
+            time.sleep(0.5)
+        else:
+            return
+        self.ray = RayNode(self.job_id, self.rank, self.hostnames[self.rank], head["ray_token"],
+                           head_address=head["address"])
+
+    def ended(self) -> Optional[str]:
+        if self.ray is None:
+            return "stopped before the head published its address"
+        # The head removes serve_head.json when it stops; its workers follow.
+        if (read_json(self.run.serve_head) or {}).get("job_id") != self.job_id:
+            return "the head has stopped"
+        if not self.ray.alive():
+            raise RuntimeError(f"the Ray worker exited with status {self.ray.process.returncode}")
+        return None
+
+    def stop(self) -> None:
+        if self.ray is not None:
+            self.ray.stop()
+
+
+def _wait_for_health(url: str, deadline: float, stop: threading.Event) -> Optional[dict]:
+    """GET /health until the proxy and a replica answer (None if stopped meanwhile)."""
+    last = None
+    while not stop.is_set():
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                return json.loads(r.read())
+        except OSError as e:
+            last = e
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the endpoint at {url} did not answer /health within serve.startup_timeout_s: {last}")
+        time.sleep(0.5)
+    return None
