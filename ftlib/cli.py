@@ -68,10 +68,14 @@ def cmd_submit(args):
         return
     print(f"run {recipe.run.name}: {' -> '.join(stages)} on {launcher}; run directory {recipe.run.dir}")
     if launcher == "slurm":
-        launch.submit(recipe, stages)
+        submitted = launch.submit(recipe, stages)
         print(f"watch it: make status RUN={_rel(recipe.run.dir)}   logs: make logs RUN={_rel(recipe.run.dir)} "
-              f"STAGE=train")
-        if "serve" in stages:
+              f"STAGE={submitted[-1].stage if submitted else 'train'}")
+        if stages == ["serve"] and submitted:
+            print(f"[serve] waiting for job {submitted[0].job_id} to start the endpoint ...")
+            endpoint = launch.wait_for_endpoint(recipe, submitted[0].job_id, recipe.serve.startup_timeout_s + 3600)
+            _print_endpoint(recipe, endpoint)
+        elif "serve" in stages:
             print(f"once serving: make tunnel RUN={_rel(recipe.run.dir)}")
     else:
         launch.run_local(recipe, stages)
@@ -79,6 +83,14 @@ def cmd_submit(args):
         from ftlib.data.preprocess import output_dir
 
         print(output_dir(recipe))
+
+
+def _print_endpoint(recipe, endpoint: dict) -> None:
+    run = _rel(recipe.run.dir)
+    print(f"[serve] endpoint up: {endpoint['url']}  models: {', '.join(endpoint.get('models', []))}")
+    print(f"  token:  {endpoint['token_file']} (readable only by you)")
+    print(f"  tunnel: make tunnel RUN={run}    (prints the ssh -L command for your laptop)")
+    print(f"  try:    curl -H \"Authorization: Bearer $(cat {endpoint['token_file']})\" {endpoint['url']}/v1/models")
 
 
 def cmd_demo(args):

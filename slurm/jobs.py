@@ -56,5 +56,9 @@ def serve_node(recipe) -> str:
     from ftlib.serve.cluster import run_node
 
     env = submitit.JobEnvironment()
-    run_node(recipe, node_rank=env.node, hostnames=env.hostnames, job_id=str(env.job_id))
+    job_id = str(env.job_id)
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    if restarts != "0":  # a requeued serve job must not find the previous attempt's head
+        job_id += f"-r{restarts}"
+    run_node(recipe, node_rank=env.node, hostnames=env.hostnames, job_id=job_id)
     return "stopped"

@@ -175,6 +175,24 @@ def submit(recipe, stages: List[str]) -> List[Submitted]:
     return submitted
 
 
+def wait_for_endpoint(recipe, job_id: str, timeout_s: float) -> dict:
+    """Block until the serve job `job_id` has written endpoint.json; fail early if the job ends first."""
+    from slurm.status import job_states
+
+    run = RunDir.of(recipe)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        endpoint = read_json(run.endpoint, {})
+        if str(endpoint.get("job_id")) == job_id:
+            return endpoint
+        state = job_states([job_id]).get(job_id, "PENDING")
+        if state not in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED"):
+            raise LaunchError(f"[serve] job {job_id} ended ({state}) before its endpoint was up; "
+                              f"see `make status RUN={run.root}` and `make logs RUN={run.root} STAGE=serve`")
+        time.sleep(2)
+    raise LaunchError(f"[serve] job {job_id}: no endpoint after {timeout_s:.0f} s (still pending? `make status`)")
+
+
 def _keep_script(run: RunDir, stage: str, job_id: str, folder: Path) -> None:
     """Copy the sbatch script submitit generated (<folder>/<job id>_submission.sh) into the run's sbatch/."""
     scripts = sorted(folder.glob(f"{job_id}*_submission.sh"))
