@@ -287,7 +287,7 @@ def test_bad_rows_counted_located_and_thresholded(tmp_path, make_recipe, caplog)
                      "wrong_type": [f"{data}:6", f"{data}:7"], "empty_output": [f"{data}:8"],
                      "too_long": [f"{data}:9"]}
     assert manifest["malformed_fraction"] == pytest.approx(5 / 18)
-    assert manifest["length_percentiles"]["max"] <= 256 and manifest["tokens"] > 0
+    assert manifest["length_percentiles"]["max"] <= recipe.data.sequence_len and manifest["tokens"] > 0
     assert any("skipped 5 malformed row(s) of 18" in r.getMessage() for r in caplog.records)
 
     drop = make_recipe(sources((data, "alpaca")), "data.max_bad_fraction=0.6", "data.too_long=drop")

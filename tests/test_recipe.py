@@ -46,7 +46,7 @@ def test_base_inheritance_and_overrides(tmp_path):
     child.write_text(f"base: {DEMO}\nrun: {{name: child}}\ntrain: {{learning_rate: 1.0e-4}}\n")
     r = R.load(child, ["train.max_steps=7", "slurm.train.nodes=1", "lora.target_modules=[q_proj]"])
     assert r.run.name == "child" and r.train.learning_rate == 1e-4 and r.train.max_steps == 7
-    assert r.data.sequence_len == 256  # inherited
+    assert r.data.sequence_len == 512  # inherited from the demo
     assert r.lora.target_modules == ["q_proj"] and r.world_size == 1
 
 
