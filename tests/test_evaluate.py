@@ -58,7 +58,10 @@ def test_adapter_loss_is_below_the_base_on_the_eval_split(trained):
     # The same data and adapter that training evaluated: close to its last eval/loss (which averages batch means).
     last_eval = accumulator_scalars(run.tensorboard, "eval/loss")[-1][1]
     assert adapter["loss"] == pytest.approx(last_eval.expected, abs=0.1)
-    assert results["data"] == "the run's evaluation split" and results["examples"] == 25
+    from ftlib.data.merge import load_splits
+
+    assert results["data"] == "the run's evaluation split"
+    assert results["examples"] == ev.count_examples(load_splits(recipe)[1]) > 0
 
     on_disk = json.loads((run.eval / "results.json").read_text())
     assert on_disk["adapter"] == adapter and on_disk["base"] == base
