@@ -101,16 +101,18 @@ def cmd_demo(args):
     recipe = _load(str(DEMO_RECIPE), ["run.launcher=local", *args.overrides])
     print(f"demo: run directory {recipe.run.dir}")
     launch.run_local(recipe, ["preprocess", "train"])
-    print("[serve] starting a local Ray Serve endpoint on the adapter ...")
-    with start_local(recipe) as ep:
+    serve_log = Path(recipe.run.dir) / "logs" / "serve" / "local.log"
+    serve_log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[serve] starting a local Ray Serve endpoint on the adapter (log: {serve_log}) ...")
+    with start_local(recipe, log_file=str(serve_log)) as ep:
         from ftlib.data.formats import alpaca_prompt
 
         prompt = alpaca_prompt("Tell me a story about a dog.", style=recipe.data.prompt_style)
         answer = _post(ep.url + "/", [{"text": prompt}], ep.token)
-        print(f"\n[serve] POST / (the notebook's format):\n{answer[0]['responses']}\n")
+        print(f"\n[serve] POST / (the notebook's format):\n{answer[0]['responses'].strip()}\n")
         body = {"model": recipe.served_model_name, "prompt": prompt, "max_tokens": 32, "temperature": 0}
         completion = _post(ep.url + "/v1/completions", body, ep.token)
-        print(f"[serve] POST /v1/completions (OpenAI format):\n{completion['choices'][0]['text']}\n")
+        print(f"[serve] POST /v1/completions (OpenAI format):\n{completion['choices'][0]['text'].strip()}\n")
     print(f"demo finished. Run directory: {recipe.run.dir}")
     print(f"TensorBoard: make tensorboard RUNS={_rel(Path(recipe.run.dir).parent)}")
 
