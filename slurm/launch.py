@@ -134,6 +134,7 @@ def dry_run(recipe, stages: List[str]) -> List[Path]:
     for stage in stages:
         work = todo[stage]
         if work is None:
+            print(f"# [{stage}] already done, would be skipped")
             continue
         dependency = f"afterok:<{previous}>" if previous else None
         array = len(work) if stage == "preprocess" else None
