@@ -48,7 +48,7 @@ def test_zero3_across_two_nodes(make_recipe):
 
 @pytest.mark.timeout(900)
 def test_preemption_checkpoints_requeues_and_resumes_exactly(make_recipe, tmp_path_factory):
-    schedule = ("train.max_steps=40", "train.eval_steps=20", "train.save_steps=100", "train.warmup_steps=2")
+    schedule = ("data.sequence_len=128", "train.max_steps=24", "train.eval_steps=12", "train.save_steps=100", "train.warmup_steps=2")
     preempted = two_node_recipe(make_recipe, *schedule)
     reference = make_recipe(*preempted_overrides(preempted, tmp_path_factory.mktemp("reference")), *schedule)
     (job,) = launch.submit(preempted, ["train"])
@@ -57,9 +57,9 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(make_recipe, tmp_pa
     # Signal once the run is a few steps in: Slurm delivers USR2 to every task of the job step.
     log = status.log_path(RunDir.of(preempted), "train", 0)
     deadline = time.time() + 300
-    while time.time() < deadline and not re.search(r"step ([5-9]|\d\d)/40", _read(log)):
+    while time.time() < deadline and not re.search(r"step ([4-9]|\d\d)/24", _read(log)):
         time.sleep(0.5)
-    assert re.search(r"step \d+/40", _read(log)), _read(log)[-2000:]
+    assert re.search(r"step \d+/24", _read(log)), _read(log)[-2000:]
     subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
 
     states = wait_for_jobs([job.job_id, ref_job.job_id], timeout=780)
@@ -70,7 +70,7 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(make_recipe, tmp_pa
     assert "resum" in text.lower(), text[-3000:]  # the restarted job said it resumed from a checkpoint
 
     interrupted, uninterrupted = losses(preempted), losses(reference)
-    assert [s for s, _ in interrupted] == list(range(1, 41))
+    assert [s for s, _ in interrupted] == list(range(1, 25))
     assert interrupted == uninterrupted
 
 
