@@ -20,15 +20,8 @@ done
 
 log() { ((QUIET)) || echo "[cluster-down] $*"; }
 
-# Running = exists, not a zombie, and still the expected program (PID reuse).
-alive() {
-    local pid=$1 name=$2 stat
-    [[ $pid =~ ^[0-9]+$ ]] || return 1
-    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
-    stat=${stat##*) }
-    [[ ${stat:0:1} != [ZX] ]] || return 1
-    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]]
-}
+# shellcheck source=pids.sh
+source "$(dirname "${BASH_SOURCE[0]}")/pids.sh"
 
 # Stop order: compute nodes first, the things everyone depends on last.
 ordered_pidfiles() {

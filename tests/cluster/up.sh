@@ -42,16 +42,8 @@ DB_SOCK=$DIR/mysql/mysqld.sock
 log() { echo "[cluster-up] $*"; }
 die() { echo "[cluster-up] ERROR: $*" >&2; exit 1; }
 
-# A PID counts as running only if it exists, is not a zombie, and is the
-# expected program (PIDs get reused after a reboot or a purge).
-alive() {
-    local pid=$1 name=$2 stat
-    [[ $pid =~ ^[0-9]+$ ]] || return 1
-    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
-    stat=${stat##*) }
-    [[ ${stat:0:1} != [ZX] ]] || return 1
-    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]]
-}
+# shellcheck source=pids.sh
+source "$(dirname "${BASH_SOURCE[0]}")/pids.sh"
 
 # Daemons we record: pid file name -> program name (comm).
 daemon_names() { echo munged mariadbd slurmdbd slurmctld "${NODES[@]/#/slurmd-}"; }
