@@ -211,10 +211,6 @@ class Recipe:
         return self.slurm.train.nodes * self.slurm.train.tasks_per_node
 
     @property
-    def gradient_accumulation_steps(self) -> int:
-        return self.train.global_batch_size // (self.train.micro_batch_size * self.world_size)
-
-    @property
     def run_dir(self) -> Path:
         return Path(self.run.dir) if self.run.dir else Path("runs").resolve() / self.run.name
 

@@ -38,7 +38,9 @@ def test_notebook_recipe_is_faithful():
     assert (r.train.optimizer, r.train.precision, r.model.gradient_checkpointing) == ("adam_8bit", "fp16", True)
     assert (r.data.eval_fraction, r.data.split_seed, r.data.prompt_style) == (0.02, 42, "instruct")
     assert r.data.train_on_inputs is False
-    assert r.gradient_accumulation_steps == 4
+    from ftlib.train import gradient_accumulation_steps
+
+    assert gradient_accumulation_steps(r, r.world_size) == 4
 
 
 def test_base_inheritance_and_overrides(tmp_path):
