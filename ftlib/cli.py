@@ -28,6 +28,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from ftlib.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = ROOT / "recipes" / "demo.yaml"
 
@@ -101,7 +103,7 @@ def cmd_demo(args):
     recipe = _load(str(DEMO_RECIPE), ["run.launcher=local", *args.overrides])
     print(f"demo: run directory {recipe.run.dir}")
     launch.run_local(recipe, ["preprocess", "train"])
-    serve_log = Path(recipe.run.dir) / "logs" / "serve" / "local.log"
+    serve_log = RunDir.of(recipe).serve_log
     serve_log.parent.mkdir(parents=True, exist_ok=True)
     print(f"[serve] starting a local Ray Serve endpoint on the adapter (log: {serve_log}) ...")
     with start_local(recipe, log_file=str(serve_log)) as ep:
@@ -125,7 +127,6 @@ def _post(url: str, body, token: str):
 
 
 def cmd_status(args):
-    from ftlib.rundir import RunDir
     from slurm.status import job_states, status
 
     if args.run:
@@ -162,7 +163,7 @@ def cmd_eval(args):
         r = results.get(name) or {}
         if r:
             print(f"{name:<8} loss {r.get('loss', float('nan')):.4f}  perplexity {r.get('perplexity', float('nan')):.2f}")
-    print(f"generations side by side: {Path(recipe.run.dir) / 'eval' / 'generations.md'}")
+    print(f"generations side by side: {RunDir.of(recipe).eval_generations}")
 
 
 def cmd_export(args):
@@ -181,7 +182,6 @@ def cmd_tunnel(args):
     import shlex
     import subprocess
 
-    from ftlib.rundir import RunDir
     from ftlib.serve.tunnel import ssh_command
     from ftlib.tensorboard import login_host
 
@@ -194,7 +194,6 @@ def cmd_tunnel(args):
 
 
 def cmd_logs(args):
-    from ftlib.rundir import RunDir
     from slurm.status import log_path
 
     run = RunDir(args.run)
@@ -205,7 +204,6 @@ def cmd_logs(args):
 
 
 def cmd_cancel(args):
-    from ftlib.rundir import RunDir
     from slurm.status import cancel
 
     ids = cancel(RunDir(args.run))

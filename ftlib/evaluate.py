@@ -167,8 +167,8 @@ def evaluate(recipe, data: Optional[str] = None, num_generations: int = 4, max_n
     from ftlib.data.collate import make_collator
     from ftlib.model import load_for_inference, load_tokenizer
 
-    run = RunDir(recipe.run_dir)
-    if not (run.adapter / "adapter_config.json").is_file():
+    run = RunDir.of(recipe)
+    if not run.training_done:
         raise FileNotFoundError(f"{run.root}: no trained adapter in {run.adapter} (train the run first)")
     max_new_tokens = max_new_tokens or recipe.train.sample_max_new_tokens
     started = time.monotonic()
@@ -194,8 +194,8 @@ def evaluate(recipe, data: Optional[str] = None, num_generations: int = 4, max_n
         "max_new_tokens": max_new_tokens, "generations": generations,
         "seconds": round(time.monotonic() - started, 1),
     }
-    write_json(run.eval / "results.json", results)
-    write_atomic(run.eval / "generations.md", generations_markdown(results))
+    write_json(run.eval_results, results)
+    write_atomic(run.eval_generations, generations_markdown(results))
     b, a = results["base"], results["adapter"]
     print(f"[eval] loss base {b['loss']:.4f} (perplexity {b['perplexity']:.2f}) -> adapter {a['loss']:.4f} "
           f"(perplexity {a['perplexity']:.2f}) on {results['tokens']:,} tokens; written to {run.eval}", flush=True)

@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 
 from ftlib import checkpoints
-from ftlib.rundir import RunDir
+from ftlib.rundir import RunDir, publish_dir
 
 
 def export(recipe) -> Path:
     """Write merged/ for the run of `recipe` and return its path."""
     from ftlib.model import load_base, load_tokenizer
 
-    run = RunDir(recipe.run_dir)
+    run = RunDir.of(recipe)
     full_precision = copy.deepcopy(recipe)
     full_precision.model.quantization = "none"
     base = load_base(full_precision, device="cpu")
@@ -34,16 +34,13 @@ def export(recipe) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     merged.save_pretrained(partial)
     load_tokenizer(recipe).save_pretrained(partial)
-    if run.merged.exists():
-        shutil.rmtree(run.merged)
-    os.replace(partial, run.merged)
-    return run.merged
+    return publish_dir(partial, run.merged)
 
 
 def _with_adapter(base, recipe, run: RunDir):
     from peft import PeftModel, get_peft_model
 
-    if (run.adapter / "adapter_config.json").is_file():
+    if run.training_done:
         return PeftModel.from_pretrained(base, str(run.adapter))
     checkpoint = checkpoints.latest_complete(run.checkpoints)
     if checkpoint is None:

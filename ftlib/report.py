@@ -316,7 +316,7 @@ def _quote(text: str) -> str:
 
 
 def _eval_section(run: RunDir) -> List[str]:
-    results = read_json(run.eval / "results.json")
+    results = read_json(run.eval_results)
     if not results:
         return ["Not evaluated yet: `make eval RUN=<this run>` compares the base model and the adapter."]
     rows = ["| model | loss | perplexity |", "|---|---|---|"]
@@ -395,5 +395,5 @@ def run_summaries(runs_dir: str | os.PathLike = "runs",
         out.append({"name": run.root.name, "path": str(run.root), "stages": stages,
                     "train_loss": last(events, "train_loss"), "eval_loss": last(events, "eval_loss"),
                     "tokens_per_s": throughput[-1].value if throughput else None,
-                    "adapter": (run.adapter / "adapter_config.json").is_file()})
+                    "adapter": run.training_done})
     return out

@@ -13,12 +13,16 @@ runs/<name>/
   endpoint.json          where the endpoint listens, while serving
   serve_token            the endpoint's API token (mode 600; endpoint.json names this file, never the token)
   serve_head.json        while a serve job runs: its Ray head's address and cluster token for the other nodes (mode 600)
+  eval/                  `make eval`: results.json, generations.md
   report.md, plots/      `make report`
+
+Other modules ask a RunDir for these paths (and for `training_done`) instead of spelling them.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,8 @@ class RunDir:
 
     @classmethod
     def of(cls, recipe) -> "RunDir":
-        return cls(recipe.run_dir)
+        """The run directory of a loaded recipe (`run.dir` is always set, absolute, after ftlib.recipe.load)."""
+        return cls(recipe.run.dir)
 
     # Files and folders of a run.
     recipe = property(lambda self: self.root / "recipe.yaml")
@@ -48,12 +53,17 @@ class RunDir:
     report = property(lambda self: self.root / "report.md")
     plots = property(lambda self: self.root / "plots")
     eval = property(lambda self: self.root / "eval")
+    eval_results = property(lambda self: self.eval / "results.json")
+    eval_generations = property(lambda self: self.eval / "generations.md")
+    serve_log = property(lambda self: self.stage_logs("serve") / "local.log")  # a local endpoint's Ray/Serve log
 
     def stage_logs(self, stage: str) -> Path:
         return self.logs / stage
 
-    def exists(self) -> bool:
-        return self.recipe.is_file()
+    @property
+    def training_done(self) -> bool:
+        """The training stage is complete: the adapter folder appears only whole (see publish_dir)."""
+        return (self.adapter / "adapter_config.json").is_file()
 
 
 def write_atomic(path: str | os.PathLike, text: str, mode: int | None = None) -> None:
@@ -67,6 +77,18 @@ def write_atomic(path: str | os.PathLike, text: str, mode: int | None = None) ->
     if mode is None:
         os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+
+
+def publish_dir(partial: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Put a folder written under a temporary name in place of `final` (replacing an older one), so readers see
+    no folder or a whole one. Two renames: an old `final` is moved aside first, then removed."""
+    partial, final = Path(partial), Path(final)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{socket.gethostname()}-{os.getpid()}")
+        os.replace(final, old)
+        shutil.rmtree(old)
+    os.replace(partial, final)
+    return final
 
 
 def write_json(path: str | os.PathLike, data: Any, mode: int | None = None) -> None:

@@ -42,7 +42,7 @@ from ftlib.data.formats import build_prompt
 from ftlib.data.merge import load_splits
 from ftlib.distributed import DistEnv, all_ranks_any, all_ranks_sum, backend, barrier, join
 from ftlib.model import is_zero3, load_model, load_tokenizer
-from ftlib.rundir import RunDir, write_json
+from ftlib.rundir import RunDir, publish_dir, write_json
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 # Recipe optimizer -> TrainingArguments.optim ("adam_8bit", the notebook's bnb Adam8bit, is passed as a class).
@@ -52,7 +52,7 @@ OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}
 def train(recipe) -> str:
     """Train (or resume) the run of `recipe` in this rank. Returns "completed" or "interrupted"."""
     env = DistEnv.from_environ()
-    run = RunDir(recipe.run_dir)
+    run = RunDir.of(recipe)
     _quiet_libraries()
     with StopSignals() as stop, _single_process_env(env):
         join(env, recipe.train.rendezvous_timeout_s)
@@ -66,7 +66,7 @@ def train(recipe) -> str:
 
 def _train(recipe, env: DistEnv, run: RunDir, stop: "StopSignals") -> str:
     say = _printer(env)
-    if (run.adapter / "adapter_config.json").is_file():
+    if run.training_done:
         say(f"already trained: {run.adapter} exists; nothing to do")
         return "completed"
     if env.rank == 0:
@@ -284,9 +284,7 @@ def save_adapter(trainer: Trainer, run: RunDir, env: DistEnv) -> None:
     barrier()
     if env.rank == 0:
         (partial / "training_args.bin").unlink(missing_ok=True)  # the Trainer's extra, not part of an adapter
-        if run.adapter.exists():
-            shutil.rmtree(run.adapter)
-        os.replace(partial, run.adapter)
+        publish_dir(partial, run.adapter)
     barrier()
 
 

@@ -70,9 +70,10 @@ class Completion:
 def served_adapters(recipe) -> Dict[str, str]:
     """{served name: adapter directory}: the run's own adapter first (as `serve.model_name` or the run's name),
     then `serve.adapters`. The run's adapter may be missing only when other adapters are listed."""
-    own = RunDir.of(recipe).adapter
+    run = RunDir.of(recipe)
+    own = run.adapter
     adapters = {}
-    if (own / "adapter_config.json").is_file():
+    if run.training_done:
         adapters[recipe.served_model_name] = str(own)
     elif not recipe.serve.adapters:
         raise FileNotFoundError(f"no trained adapter in {own} (train the run first, or list adapters to serve "
