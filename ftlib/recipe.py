@@ -234,7 +234,7 @@ def load(path: str | os.PathLike, overrides: List[str] = ()) -> Recipe:
     try:
         recipe: Recipe = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
-        raise RecipeError(f"{top}: {_key(e)}: {_reason(e)}") from None
+        raise RecipeError(f"{top}: {_key(e)}: {_reason(e, cfg)}") from None
     _check_choices(recipe, top)
     _resolve_paths(recipe)
     _check(recipe, top)

@@ -75,6 +75,15 @@ def test_wrong_type_names_key_and_file(tmp_path):
     assert msg.startswith(f"{bad}: train.micro_batch_size:") and "four" in msg
 
 
+def test_value_that_fails_only_when_resolved_names_key_and_file(tmp_path, monkeypatch):
+    # A resolver is resolved only when the recipe becomes a dataclass (OmegaConf.to_object), after every merge.
+    monkeypatch.setenv("FTLIB_TEST_NOT_A_NUMBER", "four")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: {DEMO}\ntrain:\n  micro_batch_size: ${{oc.env:FTLIB_TEST_NOT_A_NUMBER}}\n")
+    msg = error(bad)
+    assert msg.startswith(f"{bad}: train.micro_batch_size:") and "four" in msg
+
+
 def test_missing_required_value(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  sources: [{path: " + str(ROOT / "assets/data/alpaca_gpt4_sample.jsonl") + "}]\n"
