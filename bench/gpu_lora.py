@@ -75,7 +75,7 @@ def make_recipe(model_dir: Path, base: str, args, work: Path):
         f"model.quantization={BASES[base]}", "model.quant_type=nf4", "model.double_quant=true",
         f"model.compute_dtype={dtype}", f"model.gradient_checkpointing={args.gradient_checkpointing}",
         "model.attn_implementation=sdpa", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0",
-        "lora.target_modules=[all-linear]", "deepspeed.enabled=false", "slurm.train.nodes=1",
+        "lora.target_modules=[all-linear]", "deepspeed.enabled=false", "resources.train.nodes=1",
     ])
 
 

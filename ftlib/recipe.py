@@ -5,6 +5,10 @@ The schema below is the single source of truth: every key, its type, its default
 checks everything, and returns a plain `Recipe` dataclass. Any problem becomes a `RecipeError` whose message
 is one line naming the key and the file it came from; the CLI prints it and exits with status 2.
 
+A rule about one section is that section's `__post_init__` (OmegaConf.to_object runs it; it raises `Invalid`
+with the key inside the section); files named by the recipe are checked once their paths are resolved
+(`_check_files`); only the rules that span sections are in `_check`. Closed sets of values are `Choice` enums.
+
 Relative paths in a recipe are resolved against the current directory (where you run `make`), and the
 resolved recipe saved in a run directory holds absolute paths, so `make train RECIPE=runs/<name>/recipe.yaml`
 repeats the run from anywhere.
@@ -16,8 +20,10 @@ import difflib
 import json
 import glob
 import os
+import re
 import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -29,9 +35,33 @@ class RecipeError(Exception):
     """A problem with a recipe, in one line that names the key and the file."""
 
 
-def opt(default: Any = MISSING, help: str = "", choices: Optional[List[Any]] = None, path: bool = False):
+class Invalid(ValueError):
+    """Raised by a section's `__post_init__`: `key` is inside the section (None: the section itself); `load`
+    turns it into a RecipeError naming the full key and the file."""
+
+    def __init__(self, section, key: Optional[str], why: str):
+        super().__init__(f"{key or type(section).__name__}: {why}")
+        self.section_type, self.key, self.why = type(section), key, why
+
+
+class Choice(str, Enum):
+    """One of a closed set of strings. A member compares, hashes, formats and serializes (json) as its value, and
+    its name is its value, so the YAML that OmegaConf writes (names) reads back the same."""
+
+    def __init__(self, value: str):
+        if self.name != value:
+            raise ValueError(f"{type(self).__name__}.{self.name}: a choice's name must be its value, got {value!r}")
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+def opt(default: Any = MISSING, help: str = "", path: bool = False):
     """A schema field with its one-line meaning; `path=True` marks values resolved against the current dir."""
-    meta = {"help": help, "choices": choices, "path": path}
+    meta = {"help": help, "path": path}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         return field(default_factory=lambda: _copy(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -43,22 +73,93 @@ def _copy(value):
     return copy.deepcopy(value)
 
 
+# ----------------------------------------------------------------------------------------------------- choices
+class Launcher(Choice):
+    auto = "auto"
+    local = "local"
+    slurm = "slurm"
+
+
+class RowFormat(Choice):
+    alpaca = "alpaca"
+    messages = "messages"
+    completion = "completion"
+
+
+class PromptStyle(Choice):
+    instruct = "instruct"
+    chat = "chat"
+
+
+class TooLong(Choice):
+    truncate = "truncate"
+    drop = "drop"
+
+
+class DType(Choice):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+# "8bit" is not a Python name, so this one is built by name.
+Quantization = Choice("Quantization", [(v, v) for v in ("none", "8bit", "4bit")], module=__name__,
+                      qualname="Quantization")
+
+
+class QuantType(Choice):
+    nf4 = "nf4"
+    fp4 = "fp4"
+
+
+class LrScheduler(Choice):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+
+
+class Optimizer(Choice):
+    adamw_torch = "adamw_torch"
+    adamw_8bit = "adamw_8bit"
+    adam_8bit = "adam_8bit"
+
+
+class Precision(Choice):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+def _positive(section, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value <= 0:
+            raise Invalid(section, name, f"must be positive, got {value}")
+
+
 # ----------------------------------------------------------------------------------------------------- schema
 @dataclass
 class RunConfig:
     name: str = opt(help="Name of the run; the run directory is runs/<name> unless run.dir is set.")
     dir: Optional[str] = opt(None, "Run directory (default: runs/<run.name>).", path=True)
+    group: Optional[str] = opt(None, "Unix group to share the run directory and the data cache with (default: private "
+                               "to you: 0700 dirs, 0600 files).")
     seed: int = opt(42, "Seed for model init, LoRA init, data order and sampling.")
-    launcher: str = opt("auto", "Executor: slurm, local (this machine, no Slurm), or auto (slurm if sbatch is on PATH).",
-                        choices=["auto", "local", "slurm"])
+    launcher: Launcher = opt(Launcher.auto, "Executor: slurm, local (this machine, no Slurm), or auto (slurm if "
+                             "sbatch is on PATH).")
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise Invalid(self, "name", f"{self.name!r} is not a usable directory name")
 
 
 @dataclass
 class DataSource:
     path: str = opt(help="A JSON/JSONL/Parquet file or glob, a directory saved with `datasets`, or a hub data set name.",
                     path=True)
-    format: str = opt("alpaca", "Row format: alpaca (instruction/input/output), messages (role/content turns), "
-                      "completion (raw text).", choices=["alpaca", "messages", "completion"])
+    format: RowFormat = opt(RowFormat.alpaca, "Row format: alpaca (instruction/input/output), messages (role/content "
+                            "turns), completion (raw text).")
     split: str = opt("train", "Split to read when the source is a saved DatasetDict or a hub data set.")
     max_rows: Optional[int] = opt(None, "Read at most this many rows from this source (quick runs).")
     fields: Dict[str, str] = opt({}, "Field names of this source where they differ from the format's, format name: "
@@ -68,13 +169,13 @@ class DataSource:
 @dataclass
 class DataConfig:
     sources: List[DataSource] = opt(help="Where the examples come from; several sources are mixed.")
-    prompt_style: str = opt("instruct", "Alpaca prompt style of the notebook: instruct (### Instruction/### Response) "
-                            "or chat (USER:/ASSISTANT:).", choices=["instruct", "chat"])
+    prompt_style: PromptStyle = opt(PromptStyle.instruct, "Alpaca prompt style of the notebook: instruct "
+                                    "(### Instruction/### Response) or chat (USER:/ASSISTANT:).")
     chat_template: Optional[str] = opt(None, "Jinja chat template for `messages` rows (default: the tokenizer's, "
                                        "else ftlib.data.formats.DEFAULT_CHAT_TEMPLATE).")
     sequence_len: int = opt(256, "Maximum tokens per training sequence.")
     train_on_inputs: bool = opt(False, "Also train on prompt tokens (default: prompt labels are -100).")
-    too_long: str = opt("truncate", "What to do with rows longer than sequence_len.", choices=["truncate", "drop"])
+    too_long: TooLong = opt(TooLong.truncate, "What to do with rows longer than sequence_len.")
     num_shards: int = opt(2, "Number of preprocessing shards (array tasks).")
     eval_fraction: float = opt(0.02, "Fraction of rows held out for evaluation.")
     split_seed: int = opt(42, "Seed of the train/eval split (independent of the number of shards).")
@@ -83,17 +184,26 @@ class DataConfig:
                                   "(checked in each shard).")
     cache_dir: str = opt("cache/tokenized", "Where tokenized shards are written, keyed by a fingerprint.", path=True)
 
+    def __post_init__(self):
+        if not self.sources:
+            raise Invalid(self, "sources", "at least one data source is required")
+        _positive(self, "sequence_len", "num_shards")
+        if not 0 <= self.eval_fraction < 1:
+            raise Invalid(self, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise Invalid(self, "max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
+
 
 @dataclass
 class ModelConfig:
     name_or_path: str = opt(help="Base model: a local directory or a hub name.", path=True)
     tokenizer: Optional[str] = opt(None, "Tokenizer (default: the model's).", path=True)
     trust_remote_code: bool = opt(False, "Run code shipped with the model (only for models you trust).")
-    dtype: str = opt("float32", "Dtype of the unquantized weights.", choices=["float32", "float16", "bfloat16"])
-    quantization: str = opt("none", "Quantize the frozen base with bitsandbytes.", choices=["none", "8bit", "4bit"])
-    quant_type: str = opt("nf4", "4-bit quantization type.", choices=["nf4", "fp4"])
+    dtype: DType = opt(DType.float32, "Dtype of the unquantized weights.")
+    quantization: Quantization = opt(Quantization["none"], "Quantize the frozen base with bitsandbytes.")
+    quant_type: QuantType = opt(QuantType.nf4, "4-bit quantization type.")
     double_quant: bool = opt(True, "4-bit: also quantize the quantization constants.")
-    compute_dtype: str = opt("bfloat16", "4-bit: dtype of the matmuls.", choices=["float32", "float16", "bfloat16"])
+    compute_dtype: DType = opt(DType.bfloat16, "4-bit: dtype of the matmuls.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     pad_token: Optional[str] = opt(None, "Pad token to use when the tokenizer has none (default: the EOS token).")
     attn_implementation: Optional[str] = opt(None, "Attention kernel (eager, sdpa, flash_attention_2); default: "
@@ -108,14 +218,25 @@ class LoraConfig:
     target_modules: List[str] = opt(["all-linear"], "Modules that get adapters (names, or all-linear).")
     use_dora: bool = opt(False, "Weight-decomposed LoRA (DoRA).")
 
+    def __post_init__(self):
+        _positive(self, "r")
+
 
 @dataclass
 class DeepSpeedConfig:
     enabled: bool = opt(True, "Train under DeepSpeed (otherwise plain DDP).")
-    zero_stage: int = opt(2, "ZeRO stage.", choices=[0, 1, 2, 3])
+    zero_stage: int = opt(2, "ZeRO stage: 0, 1, 2 or 3.")
     offload_optimizer: bool = opt(False, "Keep optimizer states on the CPU.")
     offload_params: bool = opt(False, "ZeRO-3: keep parameters on the CPU.")
     config_file: Optional[str] = opt(None, "Your own DeepSpeed JSON instead of the generated one.", path=True)
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise Invalid(self, "zero_stage", f"{self.zero_stage!r} is not one of 0, 1, 2, 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise Invalid(self, "offload_params", "parameter offload needs zero_stage: 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise Invalid(self, "offload_optimizer", "optimizer offload needs zero_stage 1, 2 or 3")
 
 
 @dataclass
@@ -126,12 +247,11 @@ class TrainConfig:
     micro_batch_size: int = opt(4, "Sequences per forward pass per rank.")
     learning_rate: float = opt(2e-4, "Peak learning rate.")
     weight_decay: float = opt(0.0, "Weight decay.")
-    lr_scheduler: str = opt("cosine", "Learning-rate schedule after warmup.",
-                            choices=["cosine", "linear", "constant", "constant_with_warmup"])
+    lr_scheduler: LrScheduler = opt(LrScheduler.cosine, "Learning-rate schedule after warmup.")
     warmup_steps: int = opt(10, "Linear warmup steps.")
-    optimizer: str = opt("adamw_torch", "Optimizer: adamw_torch, or bitsandbytes' adamw_8bit / adam_8bit (the "
-                         "notebook's).", choices=["adamw_torch", "adamw_8bit", "adam_8bit"])
-    precision: str = opt("fp32", "Mixed precision.", choices=["fp32", "fp16", "bf16"])
+    optimizer: Optimizer = opt(Optimizer.adamw_torch, "Optimizer: adamw_torch, or bitsandbytes' adamw_8bit / "
+                               "adam_8bit (the notebook's).")
+    precision: Precision = opt(Precision.fp32, "Mixed precision.")
     max_grad_norm: float = opt(1.0, "Gradient clipping (0 disables).")
     logging_steps: int = opt(10, "Log train loss every this many steps.")
     eval_steps: int = opt(50, "Evaluate every this many steps.")
@@ -141,6 +261,10 @@ class TrainConfig:
     sample_prompts: List[str] = opt(["Give three tips for staying healthy."],
                                     "Instructions whose generations are logged at each evaluation.")
     sample_max_new_tokens: int = opt(32, "Tokens generated per sample prompt.")
+
+    def __post_init__(self):
+        _positive(self, "global_batch_size", "micro_batch_size", "eval_steps", "save_steps", "logging_steps",
+                  "learning_rate")
 
 
 @dataclass
@@ -168,51 +292,85 @@ class ServeConfig:
                                  "app is not answering within this time.")
     dashboard: bool = opt(False, "Run Ray's dashboard (loopback only; costs about 1 GB of memory).")
 
+    def __post_init__(self):
+        _positive(self, "max_batch_size", "replicas", "max_new_tokens", "default_max_new_tokens", "max_num_beams",
+                  "max_prompts_per_request", "max_concurrent_requests")
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise Invalid(self, "default_max_new_tokens", f"exceeds serve.max_new_tokens ({self.max_new_tokens})")
+        if self.batch_wait_timeout_s < 0:
+            raise Invalid(self, "batch_wait_timeout_s", f"must not be negative, got {self.batch_wait_timeout_s}")
+        if not 0 <= self.port <= 65535:
+            raise Invalid(self, "port", f"must be 0 (choose one) or a port number, got {self.port}")
+        if self.autoscaling and not 1 <= self.min_replicas <= self.max_replicas:
+            raise Invalid(self, "min_replicas", "need 1 <= min_replicas <= max_replicas")
+
 
 @dataclass
-class SlurmStage:
-    partition: Optional[str] = opt(None, "Partition (default: the cluster's default).")
-    account: Optional[str] = opt(None, "Account to charge.")
-    qos: Optional[str] = opt(None, "Quality of service.")
+class StageResources:
     time_min: int = opt(60, "Time limit in minutes.")
     nodes: int = opt(1, "Nodes.")
     tasks_per_node: int = opt(1, "Tasks per node (one per GPU; in CPU mode, one process per task).")
     gpus_per_node: int = opt(0, "GPUs per node.")
     cpus_per_task: int = opt(1, "CPUs per task.")
     mem_gb: Optional[float] = opt(None, "Memory per node in GB (default: the cluster's default).")
-    constraint: Optional[str] = opt(None, "Node features required (--constraint).")
     exclusive: bool = opt(False, "Whole nodes only (--exclusive).")
     array_parallelism: int = opt(64, "Array stage: at most this many tasks at once.")
+
+    def __post_init__(self):
+        if self.nodes < 1 or self.tasks_per_node < 1 or self.cpus_per_task < 1 or self.time_min < 1:
+            raise Invalid(self, None, "nodes, tasks_per_node, cpus_per_task and time_min must be at least 1")
+
+
+@dataclass
+class SiteSettings:
+    partition: Optional[str] = opt(None, "Partition (default: the cluster's default).")
+    account: Optional[str] = opt(None, "Account to charge.")
+    qos: Optional[str] = opt(None, "Quality of service.")
+    constraint: Optional[str] = opt(None, "Node features required (--constraint).")
     additional: Dict[str, str] = opt({}, "More #SBATCH options, name: value (e.g. reservation: myres).")
     setup: List[str] = opt([], "Shell lines run before the task (module load, source venv/bin/activate).")
 
 
+STAGES = ("preprocess", "train", "serve")
+
+
+@dataclass
+class ResourcesConfig:
+    preprocess: StageResources = opt(StageResources(time_min=30, cpus_per_task=1), "Tokenization array job.")
+    train: StageResources = opt(StageResources(time_min=240), "Training job.")
+    serve: StageResources = opt(StageResources(time_min=120), "Ray Serve job.")
+
+    def __post_init__(self):
+        t = self.train
+        if t.gpus_per_node and t.gpus_per_node != t.tasks_per_node:
+            raise Invalid(self, "train.tasks_per_node", f"training runs one task per GPU: set it to gpus_per_node "
+                          f"({t.gpus_per_node}), got {t.tasks_per_node}")
+
+
 @dataclass
 class SlurmConfig:
-    preprocess: SlurmStage = opt(SlurmStage(time_min=30, cpus_per_task=1), "Tokenization array job.")
-    train: SlurmStage = opt(SlurmStage(time_min=240), "Training job.")
-    serve: SlurmStage = opt(SlurmStage(time_min=120), "Ray Serve job.")
+    preprocess: SiteSettings = opt(SiteSettings(), "Tokenization array job.")
+    train: SiteSettings = opt(SiteSettings(), "Training job.")
+    serve: SiteSettings = opt(SiteSettings(), "Ray Serve job.")
 
 
 @dataclass
 class Recipe:
-    run: RunConfig = opt(RunConfig(), "The run: name, directory, seed, executor.")
+    run: RunConfig = opt(RunConfig(), "The run: name, directory, group, seed, executor.")
     data: DataConfig = opt(DataConfig(), "Data sources, prompt format, tokenization and preprocessing.")
     model: ModelConfig = opt(ModelConfig(), "Base model and quantization.")
     lora: LoraConfig = opt(LoraConfig(), "LoRA adapter.")
     deepspeed: DeepSpeedConfig = opt(DeepSpeedConfig(), "DeepSpeed (ZeRO, offload).")
     train: TrainConfig = opt(TrainConfig(), "Optimization, evaluation and checkpointing.")
     serve: ServeConfig = opt(ServeConfig(), "The Ray Serve endpoint.")
-    slurm: SlurmConfig = opt(SlurmConfig(), "Slurm resources per stage.")
+    resources: ResourcesConfig = opt(ResourcesConfig(), "Resources per stage: these size every stage, on Slurm and "
+                                     "in local runs.")
+    slurm: SlurmConfig = opt(SlurmConfig(), "Site settings per stage: only the Slurm launcher reads these.")
 
     # Derived values used by several stages (one place computes them).
     @property
     def world_size(self) -> int:
-        return self.slurm.train.nodes * self.slurm.train.tasks_per_node
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.run.dir) if self.run.dir else Path("runs").resolve() / self.run.name
+        return self.resources.train.nodes * self.resources.train.tasks_per_node
 
     @property
     def served_model_name(self) -> str:
@@ -232,11 +390,13 @@ def load(path: str | os.PathLike, overrides: List[str] = ()) -> Recipe:
     if missing:
         raise RecipeError(f"{top}: {missing[0]}: required value is missing")
     try:
-        recipe: Recipe = OmegaConf.to_object(cfg)
+        recipe: Recipe = OmegaConf.to_object(cfg)  # runs every section's __post_init__
+    except Invalid as e:
+        raise RecipeError(f"{top}: {_locate(cfg, e)}: {e.why}") from None
     except OmegaConfBaseException as e:
         raise RecipeError(f"{top}: {_key(e)}: {_reason(e, cfg)}") from None
-    _check_choices(recipe, top)
     _resolve_paths(recipe)
+    _check_files(recipe, top)
     _check(recipe, top)
     return recipe
 
@@ -291,11 +451,42 @@ def _key(e: OmegaConfBaseException) -> str:
     return getattr(e, "full_key", None) or "?"
 
 
+# Keys of the old schema, where slurm.<stage> held the resources too: slurm.train.nodes -> resources.train.nodes.
+MOVED = {f"slurm.{stage}.{f.name}": f"resources.{stage}.{f.name}"
+         for stage in STAGES for f in dataclasses.fields(StageResources)}
+
+
 def _reason(e: OmegaConfBaseException, cfg: DictConfig) -> str:
     msg = str(e).split("\n")[0]
     if "Key '" in msg and "not in" in msg:
+        if _key(e) in MOVED:
+            return f"moved to {MOVED[_key(e)]}"
         return "unknown key" + _suggest(cfg, _key(e))
+    choice = re.fullmatch(r"Invalid value '(.*)', expected one of \[(.*)\]", msg)  # a Choice field
+    if choice:
+        return f"{choice[1]!r} is not one of {choice[2]}"
     return msg.replace("Value '", "value '").rstrip(".")
+
+
+def _locate(cfg: DictConfig, e: Invalid) -> str:
+    """The full key of an `Invalid` raised by a section's __post_init__: the first section of that type (in schema
+    order) whose construction fails, e.g. resources.train or data.sources[1], then the key inside it."""
+    def sections(node, where: str):
+        if isinstance(node, DictConfig):
+            yield where, node
+        for k in (node.keys() if isinstance(node, DictConfig) else range(len(node))):
+            child = node._get_node(k)
+            if isinstance(child, (DictConfig, ListConfig)):
+                yield from sections(child, node._get_full_key(k))  # data.sources[1], resources.train
+
+    for where, node in sections(cfg, ""):
+        if OmegaConf.get_type(node) is e.section_type:
+            try:
+                OmegaConf.to_object(node)
+            except Invalid as again:
+                if again.section_type is e.section_type:
+                    return ".".join(k for k in (where, e.key) if k)
+    return e.key or "?"
 
 
 def _suggest(cfg: DictConfig, full_key: str) -> str:
@@ -324,14 +515,6 @@ def _walk(obj, prefix=""):
                     yield from _walk(item, f"{key}[{i}].")
 
 
-def _check_choices(recipe: Recipe, top: str) -> None:
-    for key, owner, f in _walk(recipe):
-        choices = f.metadata.get("choices")
-        value = getattr(owner, f.name)
-        if choices and value not in choices:
-            raise RecipeError(f"{top}: {key}: {value!r} is not one of {', '.join(map(str, choices))}")
-
-
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".gz", ".arrow")
 
 
@@ -350,20 +533,16 @@ def _resolve_paths(recipe: Recipe) -> None:
                 continue
             setattr(owner, f.name, str(Path(os.path.expanduser(value)).resolve()))
     recipe.serve.adapters = {k: str(Path(os.path.expanduser(v)).resolve()) for k, v in recipe.serve.adapters.items()}
-    if recipe.run.dir is None:
-        recipe.run.dir = str(recipe.run_dir)
+    if recipe.run.dir is None:  # after load(), run.dir is always set and absolute
+        recipe.run.dir = str(Path("runs").resolve() / recipe.run.name)
 
 
-def _check(r: Recipe, top: str) -> None:
-    """Values that type-check but cannot work."""
+def _check_files(r: Recipe, top: str) -> None:
+    """Local files the recipe names must exist (checked once their paths are resolved)."""
 
     def fail(key: str, why: str):
         raise RecipeError(f"{top}: {key}: {why}")
 
-    if not r.run.name or "/" in r.run.name or r.run.name.startswith("."):
-        fail("run.name", f"{r.run.name!r} is not a usable directory name")
-    if not r.data.sources:
-        fail("data.sources", "at least one data source is required")
     for i, s in enumerate(r.data.sources):
         local = s.path.startswith("/")
         if local and not glob.glob(s.path):
@@ -376,56 +555,24 @@ def _check(r: Recipe, top: str) -> None:
     for name, p in r.serve.adapters.items():
         if not os.path.exists(p):
             fail(f"serve.adapters.{name}", f"not found: {p}")
-    positive = {
-        "data.sequence_len": r.data.sequence_len, "data.num_shards": r.data.num_shards,
-        "train.global_batch_size": r.train.global_batch_size, "train.micro_batch_size": r.train.micro_batch_size,
-        "train.eval_steps": r.train.eval_steps, "train.save_steps": r.train.save_steps,
-        "train.logging_steps": r.train.logging_steps, "lora.r": r.lora.r,
-        "serve.max_batch_size": r.serve.max_batch_size, "serve.replicas": r.serve.replicas,
-        "serve.max_new_tokens": r.serve.max_new_tokens, "serve.default_max_new_tokens": r.serve.default_max_new_tokens,
-        "serve.max_num_beams": r.serve.max_num_beams, "serve.max_prompts_per_request": r.serve.max_prompts_per_request,
-        "serve.max_concurrent_requests": r.serve.max_concurrent_requests,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            fail(key, f"must be positive, got {value}")
-    if not 0 <= r.data.eval_fraction < 1:
-        fail("data.eval_fraction", f"must be in [0, 1), got {r.data.eval_fraction}")
-    if not 0 <= r.data.max_bad_fraction <= 1:
-        fail("data.max_bad_fraction", f"must be in [0, 1], got {r.data.max_bad_fraction}")
-    if r.train.learning_rate <= 0:
-        fail("train.learning_rate", f"must be positive, got {r.train.learning_rate}")
-    for stage in ("preprocess", "train", "serve"):
-        s: SlurmStage = getattr(r.slurm, stage)
-        if s.nodes < 1 or s.tasks_per_node < 1 or s.cpus_per_task < 1 or s.time_min < 1:
-            fail(f"slurm.{stage}", "nodes, tasks_per_node, cpus_per_task and time_min must be at least 1")
-        if s.gpus_per_node and s.gpus_per_node != s.tasks_per_node and stage == "train":
-            fail(f"slurm.{stage}.tasks_per_node", f"training runs one task per GPU: set it to gpus_per_node "
-                 f"({s.gpus_per_node}), got {s.tasks_per_node}")
-    per_step = r.train.micro_batch_size * r.world_size
-    if r.train.global_batch_size % per_step:
+
+
+def _check(r: Recipe, top: str) -> None:
+    """The rules that span sections (each section checks its own values in its __post_init__)."""
+
+    def fail(key: str, why: str):
+        raise RecipeError(f"{top}: {key}: {why}")
+
+    if r.train.global_batch_size % (r.train.micro_batch_size * r.world_size):
         fail("train.global_batch_size", f"{r.train.global_batch_size} is not divisible by micro_batch_size × world "
-             f"size = {r.train.micro_batch_size} × {r.world_size} (slurm.train.nodes × tasks_per_node)")
-    if r.model.quantization != "none" and r.deepspeed.enabled and r.deepspeed.zero_stage == 3 \
-            and r.model.quantization == "8bit":
+             f"size = {r.train.micro_batch_size} × {r.world_size} (resources.train.nodes × tasks_per_node)")
+    if r.model.quantization == "8bit" and r.deepspeed.enabled and r.deepspeed.zero_stage == 3:
         fail("model.quantization", "8-bit bases cannot be sharded by ZeRO-3; use 4bit (QLoRA) or zero_stage <= 2")
-    if r.deepspeed.offload_params and r.deepspeed.zero_stage != 3:
-        fail("deepspeed.offload_params", "parameter offload needs zero_stage: 3")
-    if r.deepspeed.offload_optimizer and r.deepspeed.zero_stage == 0:
-        fail("deepspeed.offload_optimizer", "optimizer offload needs zero_stage 1, 2 or 3")
     if r.deepspeed.offload_optimizer and r.train.optimizer != "adamw_torch":
         fail("train.optimizer", f"{r.train.optimizer} cannot run on offloaded optimizer states (DeepSpeed's CPU "
              "Adam does); use adamw_torch or deepspeed.offload_optimizer: false")
     if r.train.precision == "fp16" and r.model.dtype == "bfloat16":
         fail("train.precision", "fp16 mixed precision with bfloat16 weights; use bf16")
-    if r.serve.default_max_new_tokens > r.serve.max_new_tokens:
-        fail("serve.default_max_new_tokens", f"exceeds serve.max_new_tokens ({r.serve.max_new_tokens})")
-    if r.serve.batch_wait_timeout_s < 0:
-        fail("serve.batch_wait_timeout_s", f"must not be negative, got {r.serve.batch_wait_timeout_s}")
-    if not 0 <= r.serve.port <= 65535:
-        fail("serve.port", f"must be 0 (choose one) or a port number, got {r.serve.port}")
-    if r.serve.autoscaling and not 1 <= r.serve.min_replicas <= r.serve.max_replicas:
-        fail("serve.min_replicas", "need 1 <= min_replicas <= max_replicas")
 
 
 # ----------------------------------------------------------------------------------------------------- saving
@@ -455,42 +602,43 @@ def schema_reference() -> str:
     """Markdown table of every key (the README's recipe reference is generated from this)."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
 
-    def walk(cls, prefix):
+    def walk(cls, defaults, prefix):
+        """`defaults`: the section's default instance (per-stage defaults differ), or None for list items."""
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            key = prefix + f.name
-            sub = _dataclass_of(f.type)
-            if sub is not None and f.name not in ("sources",):
-                lines.append(f"| `{key}` | section | | {f.metadata.get('help', '')} |")
-                walk(sub, key + ".")
+            key, t, help = prefix + f.name, hints[f.name], f.metadata.get("help", "")
+            default = getattr(defaults, f.name) if defaults is not None else _field_default(f)
+            if dataclasses.is_dataclass(t):
+                lines.append(f"| `{key}` | section | | {help} |")
+                walk(t, default, key + ".")
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else MISSING)
             shown = "required" if default is MISSING else f"`{json.dumps(default)}`".replace("|", "\\|")
-            if f.name == "sources":
-                shown = "required"
-            choices = f.metadata.get("choices")
-            extra = f" One of: {', '.join(map(str, choices))}." if choices else ""
-            lines.append(f"| `{key}` | {_type_name(f.type)} | {shown} | {f.metadata.get('help', '')}{extra} |")
-            if f.name == "sources":
-                walk(DataSource, key + "[].")
+            values = [c.value for c in _choice_of(t) or ()]
+            extra = f" One of: {', '.join(values)}." if values else ""
+            lines.append(f"| `{key}` | {_type_name(t)} | {shown} | {help}{extra} |")
+            item = typing.get_args(t)[0] if typing.get_origin(t) is list else None
+            if dataclasses.is_dataclass(item):  # data.sources: a list of sections
+                walk(item, None, key + "[].")
 
-    walk(Recipe, "")
+    walk(Recipe, Recipe(), "")
     return "\n".join(lines) + "\n"
 
 
-def _dataclass_of(t):
-    t = _eval_type(t)
-    return t if dataclasses.is_dataclass(t) else None
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else MISSING
 
 
-def _eval_type(t):
-    if isinstance(t, str):
-        return eval(t, globals())  # annotations are strings under `from __future__ import annotations`
-    return t
+def _choice_of(t) -> Optional[type]:
+    """The Choice enum of a field type (Launcher, or Optional[Launcher]), else None."""
+    for candidate in (t, *typing.get_args(t)):
+        if isinstance(candidate, type) and issubclass(candidate, Choice):
+            return candidate
+    return None
 
 
 def _type_name(t) -> str:
-    t = _eval_type(t)
     origin, args = typing.get_origin(t), typing.get_args(t)
     if origin is typing.Union:
         return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or null"
@@ -498,4 +646,6 @@ def _type_name(t) -> str:
         return f"list of {_type_name(args[0])}"
     if origin is dict:
         return f"map of {_type_name(args[1])}"
+    if isinstance(t, type) and issubclass(t, Choice):
+        return "str"  # written as a string; the allowed values follow the meaning
     return getattr(t, "__name__", str(t))

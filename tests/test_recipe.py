@@ -1,4 +1,6 @@
 """Recipes: every shipped recipe validates; each kind of mistake gives one line naming the key and the file."""
+import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +48,7 @@ def test_notebook_recipe_is_faithful():
 def test_base_inheritance_and_overrides(tmp_path):
     child = tmp_path / "child.yaml"
     child.write_text(f"base: {DEMO}\nrun: {{name: child}}\ntrain: {{learning_rate: 1.0e-4}}\n")
-    r = R.load(child, ["train.max_steps=7", "slurm.train.nodes=1", "lora.target_modules=[q_proj]"])
+    r = R.load(child, ["train.max_steps=7", "resources.train.nodes=1", "lora.target_modules=[q_proj]"])
     assert r.run.name == "child" and r.train.learning_rate == 1e-4 and r.train.max_steps == 7
     assert r.data.sequence_len == 512  # inherited from the demo
     assert r.lora.target_modules == ["q_proj"] and r.world_size == 1
@@ -101,11 +103,49 @@ def test_missing_files(tmp_path):
 
 
 def test_impossible_combinations():
-    msg = error(DEMO, ["slurm.train.nodes=3"])
+    msg = error(DEMO, ["resources.train.nodes=3"])
     assert "train.global_batch_size: 16 is not divisible by micro_batch_size × world size = 4 × 3" in msg
     assert "model.quantization: '3bit' is not one of none, 8bit, 4bit" in error(DEMO, ["model.quantization=3bit"])
     assert "deepspeed.offload_params" in error(DEMO, ["deepspeed.offload_params=true"])
-    assert "slurm.train.tasks_per_node" in error(DEMO, ["slurm.train.gpus_per_node=4"])
+    assert "resources.train.tasks_per_node" in error(DEMO, ["resources.train.gpus_per_node=4"])
+    assert "train.optimizer: adam_8bit cannot run on offloaded" in error(
+        DEMO, ["deepspeed.offload_optimizer=true", "train.optimizer=adam_8bit"])
+
+
+def test_section_rules_name_the_full_key(tmp_path):
+    # A section checks its own values (__post_init__); the message still names the full key and the file.
+    assert error(DEMO, ["train.learning_rate=0"]) == \
+        f"{DEMO} (with command-line overrides): train.learning_rate: must be positive, got 0.0"
+    assert error(DEMO, ["resources.serve.nodes=0"]).endswith(
+        ": resources.serve: nodes, tasks_per_node, cpus_per_task and time_min must be at least 1")
+    assert error(DEMO, ["deepspeed.zero_stage=4"]).endswith(": deepspeed.zero_stage: 4 is not one of 0, 1, 2, 3")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: {DEMO}\nresources:\n  train: {{nodes: 0}}\n")
+    assert error(bad) == f"{bad}: resources.train: nodes, tasks_per_node, cpus_per_task and time_min must be at least 1"
+    bad.write_text(f"base: {DEMO}\nserve: {{max_batch_size: 0}}\n")
+    assert error(bad) == f"{bad}: serve.max_batch_size: must be positive, got 0"
+    assert error(DEMO, ["data.eval_fraction=1"]).endswith(": data.eval_fraction: must be in [0, 1), got 1.0")
+
+
+def test_old_slurm_resource_keys_say_where_they_moved(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text(f"base: {DEMO}\nslurm:\n  train: {{partition: gpu, nodes: 2}}\n")
+    assert error(old) == f"{old}: slurm.train.nodes: moved to resources.train.nodes"
+    assert error(DEMO, ["slurm.serve.mem_gb=4"]) == "command line: slurm.serve.mem_gb: moved to resources.serve.mem_gb"
+    assert error(DEMO, ["slurm.preprocess={array_parallelism: 2}"]) == \
+        "command line: slurm.preprocess.array_parallelism: moved to resources.preprocess.array_parallelism"
+    r = R.load(DEMO, ["slurm.train.account=proj", "resources.train.nodes=1", "run.group=ml"])
+    assert (r.slurm.train.account, r.resources.train.nodes, r.world_size, r.run.group) == ("proj", 1, 1, "ml")
+
+
+def test_choices_read_and_print_as_their_values():
+    r = R.load(DEMO, ["run.launcher=local", "model.quantization=4bit", "train.lr_scheduler=linear"])
+    assert isinstance(r.model.quantization, R.Quantization) and r.model.quantization == "4bit"
+    assert (f"{r.run.launcher}", str(r.train.lr_scheduler), r.run.launcher != "auto") == ("local", "linear", True)
+    assert {"4bit": 1}[r.model.quantization] == 1 and json.dumps(r.data.prompt_style) == '"instruct"'
+    assert "  launcher: local\n" in R.to_yaml(r) and "  quantization: 4bit\n" in R.to_yaml(r)
+    assert pickle.loads(pickle.dumps(r)) == r
+    assert "run.launcher: 'cloud' is not one of auto, local, slurm" in error(DEMO, ["run.launcher=cloud"])
 
 
 def test_yaml_is_loaded_safely(tmp_path):
@@ -134,5 +174,6 @@ def test_readme_reference_matches_schema():
     text = (ROOT / "README.md").read_text()
     section = text.split(R.README_START)[1].split(R.README_END)[0]
     assert section.strip() == R.schema_reference().strip(), "run `make schema` to regenerate README.md's reference"
-    for key in ("train.learning_rate", "slurm.train.nodes", "serve.max_batch_size", "data.sources[].path"):
+    for key in ("train.learning_rate", "resources.train.nodes", "slurm.train.account", "serve.max_batch_size",
+                "data.sources[].path", "run.group"):
         assert f"`{key}`" in section
