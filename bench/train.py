@@ -69,7 +69,7 @@ def make_recipe(args, work: Path, mode: str, repeat: int):
         f"data.packing={mode == 'packed'}", "data.eval_fraction=0",  # no evaluation: only training is measured
         f"model.name_or_path={work / 'model'}", "model.dtype=float32",
         "lora.r=8", "lora.alpha=16", "lora.dropout=0.0", "lora.target_modules=[all-linear]",
-        "deepspeed.zero_stage=2", f"slurm.train.nodes={args.ranks}", "slurm.train.tasks_per_node=1",
+        "deepspeed.zero_stage=2", f"resources.train.nodes={args.ranks}", "resources.train.tasks_per_node=1",
         f"train.micro_batch_size={micro}", f"train.global_batch_size={micro * args.ranks}",
         f"train.max_steps={args.steps}", "train.logging_steps=1", "train.warmup_steps=1",
         "train.save_steps=1000000", "train.precision=fp32",

@@ -245,7 +245,7 @@ def summarize(run: RunDir, events: Events, recipe: dict) -> Dict[str, object]:
         elapsed_s, nodes, gpus = usage["elapsed_s"], usage["nodes"], usage["gpus"]
         source = f"sacct, job {job['job_id']}"
     else:  # a local run (or no accounting): the processes of one machine, one GPU each if the recipe uses GPUs
-        stage = _get(recipe, "slurm.train") or {}
+        stage = _get(recipe, "resources.train") or {}
         nodes = 1
         gpus = stage.get("nodes", 1) * stage.get("tasks_per_node", 1) if stage.get("gpus_per_node") else 0
         elapsed_s, source = train_s, "training time from the events"
@@ -270,8 +270,8 @@ KEY_SETTINGS = [
     "model.name_or_path", "model.quantization", "model.dtype", "lora.r", "lora.alpha", "lora.target_modules",
     "data.sequence_len", "data.packing", "data.prompt_style", "train.global_batch_size", "train.micro_batch_size",
     "train.learning_rate", "train.lr_scheduler", "train.warmup_steps", "train.optimizer", "train.precision",
-    "train.max_steps", "train.epochs", "deepspeed.enabled", "deepspeed.zero_stage", "slurm.train.nodes",
-    "slurm.train.tasks_per_node", "slurm.train.gpus_per_node", "run.seed",
+    "train.max_steps", "train.epochs", "deepspeed.enabled", "deepspeed.zero_stage", "resources.train.nodes",
+    "resources.train.tasks_per_node", "resources.train.gpus_per_node", "run.seed",
 ]
 
 

@@ -34,7 +34,7 @@ print("OUTCOME", train(r), flush=True)
 def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo-run")
     recipe = recipe_mod.load(DEMO, [f"run.dir={folder / 'run'}", f"data.cache_dir={folder / 'cache'}",
-                                    "slurm.train.nodes=1", "deepspeed.enabled=false"])
+                                    "resources.train.nodes=1", "deepspeed.enabled=false"])
     run = RunDir(recipe.run_dir)
     recipe_mod.save(recipe, run.recipe)
     env = {k: v for k, v in os.environ.items()

@@ -50,7 +50,7 @@ def with_setup(tmp_path, stage: str, *lines: str) -> Path:
 
 def chain_recipe(make_recipe, *extra, base=ROOT / "recipes" / "demo.yaml"):
     """The demo on Slurm, small: 4 shards (2 at a time) of 400 rows, then 6 steps of 2-node training."""
-    return make_recipe("run.launcher=slurm", "data.num_shards=4", "slurm.preprocess.array_parallelism=2",
+    return make_recipe("run.launcher=slurm", "data.num_shards=4", "resources.preprocess.array_parallelism=2",
                        "data.sources[0].max_rows=400", "train.max_steps=6", "train.eval_steps=3",
                        "train.save_steps=3", "train.logging_steps=1", "serve.enabled=false", *extra, base=base)
 
@@ -69,7 +69,7 @@ def test_chain_array_then_two_node_training(make_recipe):
     assert sorted(tasks) == [f"{pre.job_id}_{k}" for k in range(4)] and set(tasks.values()) == {"COMPLETED"}, states
     assert states[train.job_id] == "COMPLETED", status.status(RunDir.of(recipe))
 
-    # Never more than 2 array tasks at once (slurm.preprocess.array_parallelism), and training after all of them.
+    # Never more than 2 array tasks at once (resources.preprocess.array_parallelism), and training after all of them.
     spans = [(r["Start"], r["End"]) for r in sacct(pre.job_id, "JobID", "Start", "End")]
     for start, _ in spans:
         assert sum(1 for s, e in spans if s <= start < e) <= 2, spans

@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 def test_two_serve_jobs_of_two_nodes_on_the_same_nodes(tmp_path):
     recipes, jobs = {}, {}
     for name in ("a", "b"):
-        recipes[name] = serve_recipe(tmp_path / name, "run.launcher=slurm", "slurm.serve.nodes=2",
-                                     "slurm.serve.cpus_per_task=1", "slurm.serve.mem_gb=2.5",
+        recipes[name] = serve_recipe(tmp_path / name, "run.launcher=slurm", "resources.serve.nodes=2",
+                                     "resources.serve.cpus_per_task=1", "resources.serve.mem_gb=2.5",
                                      "serve.replicas=2", "serve.cpus_per_replica=1")
         (jobs[name],) = launch.submit(recipes[name], ["serve"])
     try:

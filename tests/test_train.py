@@ -24,8 +24,8 @@ from tests.conftest import DEMO, ROOT
 # A tiny schedule: 2 ranks x micro-batch 2 x accumulation 2 = 8 sequences per step.
 TINY = ["train.max_steps=8", "train.global_batch_size=8", "train.micro_batch_size=2", "train.warmup_steps=2",
         "train.logging_steps=1", "train.eval_steps=4", "train.save_steps=4", "train.save_total_limit=1",
-        "train.sample_max_new_tokens=8", "slurm.train.nodes=2", "slurm.train.tasks_per_node=1"]
-SINGLE = ["slurm.train.nodes=1", "train.global_batch_size=4", "train.micro_batch_size=2", "train.max_steps=4",
+        "train.sample_max_new_tokens=8", "resources.train.nodes=2", "resources.train.tasks_per_node=1"]
+SINGLE = ["resources.train.nodes=1", "train.global_batch_size=4", "train.micro_batch_size=2", "train.max_steps=4",
           "train.save_steps=2", "train.eval_steps=2", "train.logging_steps=1", "train.warmup_steps=1",
           "train.sample_max_new_tokens=8", "train.save_total_limit=3"]
 
