@@ -37,6 +37,8 @@ SHAPE = ROOT.parent / "shared" / "models" / "open_llama_3b_shape"
 DEFAULT_DATA = ROOT / "assets" / "data" / "alpaca_gpt4_sample.jsonl"
 sys.path.insert(0, str(ROOT))
 
+from ftlib.rundir import RunDir  # noqa: E402  (after the path: the bench runs from a checkout)
+
 RANK_MAIN = """
 import sys
 from ftlib import recipe
@@ -80,7 +82,7 @@ def start_training(recipe, ranks: int) -> list:
     """train() in `ranks` processes (one thread each); returns [(process, log file)]."""
     from ftlib import recipe as recipe_mod
 
-    path = Path(recipe.run_dir).with_suffix(".yaml")
+    path = RunDir.of(recipe).root.with_suffix(".yaml")
     recipe_mod.save(recipe, path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -91,7 +93,7 @@ def start_training(recipe, ranks: int) -> list:
                    LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    HF_HUB_OFFLINE="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
                    TOKENIZERS_PARALLELISM="false")
-        log = Path(recipe.run_dir).with_suffix(f".rank{rank}.log")
+        log = RunDir.of(recipe).root.with_suffix(f".rank{rank}.log")
         with open(log, "w") as out:
             ranks_started.append((subprocess.Popen([sys.executable, "-c", RANK_MAIN, str(path)], env=env, cwd=ROOT,
                                                    stdout=out, stderr=subprocess.STDOUT), log))
@@ -103,8 +105,6 @@ def finish_training(recipe, ranks_started: list) -> dict:
     peak RSS."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from ftlib.rundir import RunDir
-
     for rank, (p, log) in enumerate(ranks_started):
         if p.wait() != 0:
             sys.exit(f"rank {rank} failed; see {log}:\n{log.read_text()[-3000:]}")
@@ -112,7 +112,7 @@ def finish_training(recipe, ranks_started: list) -> dict:
     for _, log in ranks_started:
         found = re.search(r"peak memory: ([\d.]+) GiB", log.read_text())
         peaks.append(float(found.group(1)) if found else float("nan"))
-    acc = EventAccumulator(str(RunDir(recipe.run_dir).tensorboard), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(RunDir.of(recipe).tensorboard), size_guidance={"scalars": 0})
     acc.Reload()
     steps = {}
     for tag in ("tokens", "tokens_per_second", "padding_fraction"):

@@ -44,12 +44,6 @@ def _load(target: str, overrides):
     return recipe_mod.load(path, list(overrides))
 
 
-def _stages(command: str, recipe) -> list:
-    if command == "train":
-        return ["preprocess", "train"] + (["serve"] if recipe.serve.enabled else [])
-    return [command]
-
-
 def cmd_show(args):
     from ftlib import recipe as recipe_mod
 
@@ -58,29 +52,30 @@ def cmd_show(args):
 
 def cmd_submit(args):
     """train / preprocess / serve: the same chain on Slurm or on this machine."""
-    from slurm import launch
+    from launcher import executors, launch, stages as stages_mod
 
     recipe = _load(args.recipe, args.overrides)
-    stages = _stages(args.command, recipe)
-    launcher = launch.resolve_launcher(recipe)
+    run = RunDir.of(recipe)
+    stages = stages_mod.for_command(args.command, recipe)
+    names = [s.name for s in stages]
     if args.dry_run:
         for path in launch.dry_run(recipe, stages):
             print(f"# ---- {path}\n{path.read_text()}")
-        print(f"# (dry run: nothing submitted; scripts written to {Path(recipe.run.dir) / 'sbatch'})")
+        print(f"# (dry run: nothing submitted; scripts written to {run.sbatch})")
         return
-    print(f"run {recipe.run.name}: {' -> '.join(stages)} on {launcher}; run directory {recipe.run.dir}")
+    launcher = launch.resolve_launcher(recipe)
+    print(f"run {recipe.run.name}: {' -> '.join(names)} on {launcher}; run directory {run.root}")
+    executor = executors.Slurm() if launcher == "slurm" else executors.Local()
+    submitted = launch.run_chain(recipe, stages, executor)
     if launcher == "slurm":
-        submitted = launch.submit(recipe, stages)
-        print(f"watch it: make status RUN={_rel(recipe.run.dir)}   logs: make logs RUN={_rel(recipe.run.dir)} "
+        print(f"watch it: make status RUN={_rel(run.root)}   logs: make logs RUN={_rel(run.root)} "
               f"STAGE={submitted[-1].stage if submitted else 'train'}")
-        if stages == ["serve"] and submitted:
+        if names == ["serve"] and submitted:
             print(f"[serve] waiting for job {submitted[0].job_id} to start the endpoint ...")
             endpoint = launch.wait_for_endpoint(recipe, submitted[0].job_id, recipe.serve.startup_timeout_s + 3600)
             _print_endpoint(recipe, endpoint)
-        elif "serve" in stages:
-            print(f"once serving: make tunnel RUN={_rel(recipe.run.dir)}")
-    else:
-        launch.run_local(recipe, stages)
+        elif "serve" in names:
+            print(f"once serving: make tunnel RUN={_rel(run.root)}")
     if args.command == "preprocess":
         from ftlib.data.preprocess import output_dir
 
@@ -97,7 +92,7 @@ def _print_endpoint(recipe, endpoint: dict) -> None:
 
 def cmd_demo(args):
     """The whole pipeline locally: array preprocessing, 2-process DeepSpeed LoRA, Serve, two requests."""
-    from slurm import launch
+    from launcher import launch
     from ftlib.serve.local import start_local
 
     recipe = _load(str(DEMO_RECIPE), ["run.launcher=local", *args.overrides])
@@ -127,14 +122,14 @@ def _post(url: str, body, token: str):
 
 
 def cmd_status(args):
-    from slurm.status import job_states, status
+    from ftlib.report import run_summaries
+    from launcher.records import JobRecords
+    from launcher.status import status
 
     if args.run:
         print(status(RunDir(args.run)))
         return
-    from ftlib.report import run_summaries
-
-    runs = run_summaries(args.runs, job_states=job_states)
+    runs = run_summaries(args.runs, stage_states=lambda run: JobRecords(run).stage_states())
     if not runs:
         print(f"no runs under {args.runs}/")
     print(f"{'run':<28}{'stages':<44}{'train loss':>11}{'eval loss':>11}{'tokens/s':>10}")
@@ -150,8 +145,9 @@ def _num(value, digits: int = 4) -> str:
 
 def cmd_report(args):
     from ftlib.report import write_report
+    from launcher.records import train_usage
 
-    print(write_report(args.run))
+    print(write_report(args.run, usage=train_usage(RunDir(args.run))))
 
 
 def cmd_eval(args):
@@ -194,7 +190,7 @@ def cmd_tunnel(args):
 
 
 def cmd_logs(args):
-    from slurm.status import log_path
+    from launcher.status import log_path
 
     run = RunDir(args.run)
     for err in (False, True):
@@ -204,7 +200,7 @@ def cmd_logs(args):
 
 
 def cmd_cancel(args):
-    from slurm.status import cancel
+    from launcher.status import cancel
 
     ids = cancel(RunDir(args.run))
     print(f"cancelled {', '.join(ids)}" if ids else "no Slurm jobs recorded for this run")
@@ -296,11 +292,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:
-        from slurm.launch import LaunchError
+        from ftlib.errors import UserError
 
-        from ftlib.data import DataError
-
-        if isinstance(e, (LaunchError, FileNotFoundError, DataError, ValueError)):
+        # The errors that say what the user must change; anything else is a bug and keeps its traceback.
+        if isinstance(e, (UserError, FileNotFoundError)):
             print(f"error: {e}", file=sys.stderr)
             return 1
         raise

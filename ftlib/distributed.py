@@ -1,6 +1,6 @@
 """Joining the torch.distributed group of a training job, with a rendezvous that names who is missing.
 
-The launcher (slurm/ or a test) sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT in
+The launcher (launcher/ or a test) sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT in
 every task. A plain `init_process_group` waits up to 30 minutes for a rank that never comes and then says nothing
 useful. So rank 0 first opens a TCPStore on MASTER_ADDR:MASTER_PORT, every rank registers "rank -> node" in it, and
 rank 0 waits at most `timeout_s` for all of them. If some are missing, every rank that did join fails with the same
@@ -30,10 +30,6 @@ class DistEnv:
     local_world_size: int
     master_addr: str
     master_port: int
-
-    @property
-    def node_index(self) -> int:
-        return self.rank // self.local_world_size
 
     @classmethod
     def from_environ(cls) -> "DistEnv":

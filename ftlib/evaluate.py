@@ -22,7 +22,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ftlib import progress
+from ftlib.errors import UserError
 from ftlib.rundir import RunDir, write_atomic, write_json
+
+log = progress.logger("eval")
 
 LOSS_DEFINITION = ("token-weighted mean cross-entropy over the trained tokens (labels != -100: the responses) of "
                    "all examples; perplexity = exp(loss).")
@@ -37,7 +41,7 @@ def eval_dataset(recipe, data: Optional[str] = None, data_format: str = "alpaca"
 
         _, evaluation = load_splits(recipe)
         if evaluation is None or len(evaluation) == 0:
-            raise ValueError("data.eval_fraction is 0, so the run has no evaluation split; pass DATA=file.jsonl")
+            raise UserError("data.eval_fraction is 0, so the run has no evaluation split; pass DATA=file.jsonl")
         return evaluation, "the run's evaluation split"
     import datasets
 
@@ -113,9 +117,9 @@ def held_out_loss(model, dataset, collator, batch_size: int, log_every_s: float 
         tokens += n
         if time.monotonic() - last_line > log_every_s:
             last_line = time.monotonic()
-            print(f"[eval] batch {i + 1} of {len(loader)}, {time.monotonic() - started:.0f} s", flush=True)
+            log.info(f"batch {i + 1} of {len(loader)}, {time.monotonic() - started:.0f} s")
     if tokens == 0:
-        raise ValueError("the evaluation data has no trained tokens (every label is -100)")
+        raise UserError("the evaluation data has no trained tokens (every label is -100)")
     return {name: {"loss": s / tokens, "perplexity": math.exp(s / tokens), "tokens": tokens}
             for name, s in sums.items()}
 
@@ -175,8 +179,7 @@ def evaluate(recipe, data: Optional[str] = None, num_generations: int = 4, max_n
     tokenizer = load_tokenizer(recipe)
     dataset, described = eval_dataset(recipe, data)
     model = load_for_inference(recipe, {ADAPTER: str(run.adapter)})
-    print(f"[eval] {len(dataset):,} rows of {described}; base {recipe.model.name_or_path} vs adapter {run.adapter}",
-          flush=True)
+    log.info(f"{len(dataset):,} rows of {described}; base {recipe.model.name_or_path} vs adapter {run.adapter}")
 
     scores = held_out_loss(model, dataset, make_collator(recipe, tokenizer),
                            batch_size or recipe.train.micro_batch_size)
@@ -197,8 +200,8 @@ def evaluate(recipe, data: Optional[str] = None, num_generations: int = 4, max_n
     write_json(run.eval_results, results)
     write_atomic(run.eval_generations, generations_markdown(results))
     b, a = results["base"], results["adapter"]
-    print(f"[eval] loss base {b['loss']:.4f} (perplexity {b['perplexity']:.2f}) -> adapter {a['loss']:.4f} "
-          f"(perplexity {a['perplexity']:.2f}) on {results['tokens']:,} tokens; written to {run.eval}", flush=True)
+    log.info(f"loss base {b['loss']:.4f} (perplexity {b['perplexity']:.2f}) -> adapter {a['loss']:.4f} "
+             f"(perplexity {a['perplexity']:.2f}) on {results['tokens']:,} tokens; written to {run.eval}")
     return results
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ftlib import checkpoints
+from ftlib.errors import UserError
 from ftlib.rundir import RunDir, publish_dir
 
 
@@ -56,7 +57,7 @@ def _with_adapter(base, recipe, run: RunDir):
     missing, unexpected = model.load_state_dict(weights, strict=False)
     not_loaded = [k for k in missing if "lora_" in k]
     if not_loaded or unexpected:
-        raise ValueError(f"{checkpoint}: the checkpoint does not match the recipe's LoRA settings "
+        raise UserError(f"{checkpoint}: the checkpoint does not match the recipe's LoRA settings "
                          f"(missing {not_loaded[:3]}, unexpected {list(unexpected)[:3]})")
     return model
 

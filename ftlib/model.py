@@ -17,6 +17,8 @@ from typing import Dict, Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from ftlib.errors import UserError
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -27,7 +29,7 @@ def load_tokenizer(recipe):
     if m.pad_token is not None:
         if m.pad_token not in tok.get_vocab():
             # Adding a token would resize the embeddings, which a LoRA run does not train.
-            raise ValueError(f"model.pad_token: {m.pad_token!r} is not in the tokenizer's vocabulary")
+            raise UserError(f"model.pad_token: {m.pad_token!r} is not in the tokenizer's vocabulary")
         tok.pad_token = m.pad_token
     elif tok.pad_token is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token

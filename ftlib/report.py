@@ -3,7 +3,7 @@
     write_report(run_dir)             runs/<name>/report.md + plots/*.png: loss, learning rate, throughput curves,
                                       final losses, tokens, time, GPU-hours, key settings, sample generations
     read_events(tensorboard_dir)      every scalar and text summary of a run, as plain Python lists
-    run_summaries(runs_dir, states)   one dict per run (stages' states, last losses, tokens/s) for `make status`
+    run_summaries(runs_dir, stages)   one dict per run (stages' states, last losses, tokens/s) for `make status`
 
 Tags are found by their last path component (`train/loss` -> loss in the train section), so the reader keeps working
 when the trainer adds or renames a prefix. The training loop writes the events; this module only reads them.
@@ -13,8 +13,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional
@@ -168,47 +166,6 @@ def plot(events: Events, plots_dir: str | os.PathLike) -> Dict[str, Dict[str, Li
     return drawn
 
 
-# ----------------------------------------------------------------------------------------------------- time
-def parse_elapsed(text: str) -> float:
-    """Slurm's [D-]HH:MM:SS (or MM:SS) -> seconds."""
-    days, _, clock = text.strip().rpartition("-")
-    parts = [float(x) for x in clock.split(":")]
-    seconds = sum(v * 60 ** i for i, v in enumerate(reversed(parts)))
-    return seconds + 86400 * int(days or 0)
-
-
-def parse_tres(text: str) -> Dict[str, float]:
-    """AllocTRES like `cpu=4,mem=8G,node=2,gres/gpu=8` -> {"cpu": 4, "node": 2, "gpu": 8} (memory left out)."""
-    out: Dict[str, float] = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        if key.startswith("gres/gpu"):  # gres/gpu=8, or typed: gres/gpu:a100=8 (counted once via the plain key)
-            if key == "gres/gpu" or "gpu" not in out:
-                out["gpu"] = float(value)
-        elif key in ("cpu", "node"):
-            out[key] = float(value)
-    return out
-
-
-def slurm_usage(job_id: str) -> Optional[Dict[str, float]]:
-    """Elapsed seconds, nodes, GPUs and CPUs of a Slurm job from its accounting (None when sacct is unavailable).
-    For a requeued job, sacct reports the latest attempt."""
-    if not shutil.which("sacct"):
-        return None
-    try:
-        out = subprocess.run(["sacct", "-X", "-P", "-n", "-j", str(job_id), "--format=Elapsed,NNodes,AllocTRES"],
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    rows = [line.split("|") for line in out.stdout.splitlines() if line.count("|") == 2]
-    if out.returncode != 0 or not rows:
-        return None
-    elapsed, nodes, tres = rows[-1]
-    alloc = parse_tres(tres)
-    return {"elapsed_s": parse_elapsed(elapsed), "nodes": float(nodes or 0), "gpus": alloc.get("gpu", 0.0),
-            "cpus": alloc.get("cpu", 0.0)}
-
-
 # ----------------------------------------------------------------------------------------------------- summary
 def _get(tree: dict, dotted: str):
     for key in dotted.split("."):
@@ -225,8 +182,9 @@ def load_recipe_dict(run: RunDir) -> dict:
     return OmegaConf.to_container(OmegaConf.load(run.recipe))
 
 
-def summarize(run: RunDir, events: Events, recipe: dict) -> Dict[str, object]:
-    """The numbers at the top of the report."""
+def summarize(run: RunDir, events: Events, recipe: dict, usage: Optional[dict] = None) -> Dict[str, object]:
+    """The numbers at the top of the report. `usage`: what Slurm charged for the training job (elapsed_s, nodes,
+    gpus, job_id; launcher.records.train_usage), None for a local run."""
     train_points = series(events, "train_loss")
     wall_times = [p.wall_time for pts in events.scalars.values() for p in pts]
     runtime = last(events, "train_runtime")
@@ -239,11 +197,9 @@ def summarize(run: RunDir, events: Events, recipe: dict) -> Dict[str, object]:
         tokens_per_s = _mean(throughput)
         how = "mean over the training logs"
 
-    job = _get(read_json(run.jobs, {}), "stages.train") or {}
-    usage = slurm_usage(job["job_id"]) if job.get("launcher") == "slurm" and job.get("job_id") else None
     if usage:  # what the cluster charged: the whole job, start-up included
         elapsed_s, nodes, gpus = usage["elapsed_s"], usage["nodes"], usage["gpus"]
-        source = f"sacct, job {job['job_id']}"
+        source = f"sacct, job {usage['job_id']}"
     else:  # a local run (or no accounting): the processes of one machine, one GPU each if the recipe uses GPUs
         stage = _get(recipe, "resources.train") or {}
         nodes = 1
@@ -328,15 +284,15 @@ def _eval_section(run: RunDir) -> List[str]:
             f"Side-by-side generations: [eval/generations.md](eval/generations.md)"]
 
 
-def write_report(run_dir: str | os.PathLike) -> Path:
-    """Write report.md and plots/*.png into the run directory; returns the report's path."""
+def write_report(run_dir: str | os.PathLike, usage: Optional[dict] = None) -> Path:
+    """Write report.md and plots/*.png into the run directory; returns the report's path. `usage`: see summarize."""
     run = RunDir(run_dir)
     recipe = load_recipe_dict(run)
     if not _event_dirs(run.tensorboard):
         raise FileNotFoundError(f"{run.root}: no TensorBoard events in {run.tensorboard} (has training started?)")
     events = read_events(run.tensorboard)
     drawn = plot(events, run.plots)
-    s = summarize(run, events, recipe)
+    s = summarize(run, events, recipe, usage)
 
     padding = "n/a" if s["padding_fraction"] is None else f"{100 * s['padding_fraction']:.1f} %"
     lines = [f"# Run `{_get(recipe, 'run.name')}`", "", f"Run directory: `{run.root}`", "", "## Summary", "",
@@ -362,34 +318,15 @@ def write_report(run_dir: str | os.PathLike) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------- all runs
-ORDER = ["FAILED", "OUT_OF_MEMORY", "TIMEOUT", "NODE_FAIL", "CANCELLED", "PREEMPTED", "RUNNING", "REQUEUED",
-         "PENDING", "COMPLETED"]
-
-
-def _stage_state(job_id: str, states: Dict[str, str]) -> str:
-    """One state for a stage: an array job takes its worst task's state."""
-    mine = {s for j, s in states.items() if j == job_id or j.startswith(f"{job_id}_")}
-    if not mine:
-        return "UNKNOWN"
-    return min(mine, key=lambda s: ORDER.index(s) if s in ORDER else len(ORDER))
-
-
 def run_summaries(runs_dir: str | os.PathLike = "runs",
-                  job_states: Optional[Callable[[List[str]], Dict[str, str]]] = None) -> List[Dict[str, object]]:
+                  stage_states: Optional[Callable[[RunDir], Dict[str, dict]]] = None) -> List[Dict[str, object]]:
     """One dict per run under `runs_dir`: name, path, stages {stage: {job_id, launcher, state}}, last train/eval loss,
-    tokens/s. `job_states(ids) -> {id or id_k: state}` looks up Slurm jobs (e.g. slurm.status.job_states); without
-    it, or for local runs, the state is None."""
+    tokens/s. `stage_states(run)` gives the stages (launcher.records.JobRecords(run).stage_states); without it
+    they are {}."""
     out = []
     for recipe_file in sorted(Path(runs_dir).glob("*/recipe.yaml")):
         run = RunDir(recipe_file.parent)
-        stages = {name: {"job_id": e.get("job_id"), "launcher": e.get("launcher"), "state": None}
-                  for name, e in (read_json(run.jobs, {}).get("stages") or {}).items()}
-        slurm_ids = [s["job_id"] for s in stages.values() if s["launcher"] == "slurm" and s["job_id"]]
-        if job_states and slurm_ids:
-            states = job_states(slurm_ids)
-            for s in stages.values():
-                if s["launcher"] == "slurm":
-                    s["state"] = _stage_state(str(s["job_id"]), states)
+        stages = stage_states(run) if stage_states else {}
         events = read_events(run.tensorboard) if _event_dirs(run.tensorboard) else Events()
         throughput = series(events, "tokens_per_s")
         out.append({"name": run.root.name, "path": str(run.root), "stages": stages,

@@ -36,11 +36,12 @@ import transformers
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
-from ftlib import checkpoints
+from ftlib import checkpoints, progress
 from ftlib.data.collate import make_collator
 from ftlib.data.formats import build_prompt
 from ftlib.data.merge import load_splits
 from ftlib.distributed import DistEnv, all_ranks_any, all_ranks_sum, backend, barrier, join
+from ftlib.errors import UserError
 from ftlib.model import is_zero3, load_model, load_tokenizer
 from ftlib.rundir import RunDir, publish_dir, write_json
 
@@ -162,8 +163,8 @@ def gradient_accumulation_steps(recipe, world_size: int) -> int:
     t = recipe.train
     per_step = t.micro_batch_size * world_size
     if t.global_batch_size % per_step:
-        raise ValueError(f"train.global_batch_size: {t.global_batch_size} is not divisible by micro_batch_size × "
-                         f"world size = {t.micro_batch_size} × {world_size}")
+        raise UserError(f"train.global_batch_size: {t.global_batch_size} is not divisible by micro_batch_size × "
+                        f"world size = {t.micro_batch_size} × {world_size}")
     return t.global_batch_size // per_step
 
 
@@ -436,10 +437,14 @@ def _quiet_libraries() -> None:
 
 
 def _printer(env: DistEnv):
+    """say(text): a progress line from rank 0; say(text, every_rank=True): one from each rank, naming it."""
+    log = progress.logger("train")
+
     def say(text: str, every_rank: bool = False):
-        if every_rank or env.rank == 0:
-            prefix = f"[train rank {env.rank}] " if every_rank else "[train] "
-            print(time.strftime("%H:%M:%S ") + prefix + text, flush=True)
+        if every_rank:
+            log.info(f"rank {env.rank}: {text}")
+        elif env.rank == 0:
+            log.info(text)
 
     return say
 

@@ -20,7 +20,7 @@ def test_demo_end_to_end(tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=880)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout
-    assert "[preprocess] tokenizing 2 of 2 shards as a local array" in text
+    assert "[preprocess] 2 of 2 tasks as a local array" in text
     assert "[serve] POST / (the notebook's format):" in text and "[serve] POST /v1/completions" in text
     assert f"Run directory: {run_dir}" in text and "make tensorboard" in text
 

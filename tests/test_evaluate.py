@@ -35,7 +35,7 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo-run")
     recipe = recipe_mod.load(DEMO, [f"run.dir={folder / 'run'}", f"data.cache_dir={folder / 'cache'}",
                                     "resources.train.nodes=1", "deepspeed.enabled=false"])
-    run = RunDir(recipe.run_dir)
+    run = RunDir.of(recipe)
     recipe_mod.save(recipe, run.recipe)
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}

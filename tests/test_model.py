@@ -86,7 +86,7 @@ def test_export_merges_the_adapter_into_an_ordinary_model(make_recipe):
     from transformers import AutoModelForCausalLM
 
     recipe = make_recipe()
-    run = RunDir(recipe.run_dir)
+    run = RunDir.of(recipe)
     write_adapter(recipe, run.adapter, seed=3)
     merged_dir = export(recipe)
     assert merged_dir == run.merged and (merged_dir / "tokenizer.json").is_file()

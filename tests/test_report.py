@@ -12,6 +12,7 @@ import pytest
 from ftlib import recipe as recipe_mod
 from ftlib import report
 from ftlib.rundir import RunDir, write_json
+from launcher import records
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -40,7 +41,7 @@ def write_trainer_like_events(tb_dir, steps=40, log_every=5, eval_every=20, star
 
 def make_run(make_recipe, launcher="local", job_id="local-1"):
     recipe = make_recipe()
-    run = RunDir(recipe.run_dir)
+    run = RunDir.of(recipe)
     recipe_mod.save(recipe, run.recipe)
     write_json(run.jobs, {"stages": {"train": {"job_id": job_id, "launcher": launcher}}})
     return recipe, run
@@ -159,32 +160,32 @@ def test_tags_are_found_by_suffix():
 
 
 def test_slurm_accounting_fields():
-    assert report.parse_elapsed("00:01:30") == 90
-    assert report.parse_elapsed("1-02:00:00") == 26 * 3600
-    assert report.parse_elapsed("12:05") == 725
-    assert report.parse_tres("billing=16,cpu=16,gres/gpu=8,mem=64G,node=2") == {"cpu": 16, "gpu": 8, "node": 2}
-    assert report.parse_tres("cpu=4,gres/gpu:a100=4,gres/gpu=4,node=1")["gpu"] == 4
-    assert report.parse_tres("cpu=2,mem=3G,node=2") == {"cpu": 2, "node": 2}
+    assert records.parse_elapsed("00:01:30") == 90
+    assert records.parse_elapsed("1-02:00:00") == 26 * 3600
+    assert records.parse_elapsed("12:05") == 725
+    assert records.parse_tres("billing=16,cpu=16,gres/gpu=8,mem=64G,node=2") == {"cpu": 16, "gpu": 8, "node": 2}
+    assert records.parse_tres("cpu=4,gres/gpu:a100=4,gres/gpu=4,node=1")["gpu"] == 4
+    assert records.parse_tres("cpu=2,mem=3G,node=2") == {"cpu": 2, "node": 2}
 
 
 def test_run_summaries_for_make_status(make_recipe, tmp_path):
     runs = tmp_path / "runs"
     trained = make_recipe(f"run.dir={runs / 'alpha'}", "run.name=alpha")
-    recipe_mod.save(trained, RunDir(trained.run_dir).recipe)
-    write_json(RunDir(trained.run_dir).jobs, {"stages": {
+    recipe_mod.save(trained, RunDir.of(trained).recipe)
+    write_json(RunDir.of(trained).jobs, {"stages": {
         "preprocess": {"job_id": "12", "launcher": "slurm"}, "train": {"job_id": "13", "launcher": "slurm"}}})
-    write_trainer_like_events(RunDir(trained.run_dir).tensorboard)
+    write_trainer_like_events(RunDir.of(trained).tensorboard)
     fresh = make_recipe(f"run.dir={runs / 'beta'}", "run.name=beta")
-    recipe_mod.save(fresh, RunDir(fresh.run_dir).recipe)
+    recipe_mod.save(fresh, RunDir.of(fresh).recipe)
     (runs / "not-a-run").mkdir()
 
     asked = []
 
-    def job_states(ids):  # the shape of slurm.status.job_states: array tasks appear as <id>_<k>
+    def job_states(ids):  # the shape of launcher.records.job_states: array tasks appear as <id>_<k>
         asked.append(ids)
         return {"12_0": "COMPLETED", "12_1": "FAILED", "13": "PENDING"}
 
-    summaries = report.run_summaries(runs, job_states)
+    summaries = report.run_summaries(runs, lambda run: records.JobRecords(run).stage_states(job_states))
     assert [s["name"] for s in summaries] == ["alpha", "beta"]
     alpha, beta = summaries
     assert asked == [["12", "13"]]
@@ -219,12 +220,12 @@ def test_gpu_hours_of_a_slurm_run_come_from_sacct(make_recipe, tmp_path):
                           capture_output=True, text=True, timeout=200)
     assert done.returncode == 0, done.stderr
     job_id = done.stdout.strip().split(";")[0]
-    usage = report.slurm_usage(job_id)
+    usage = records.usage(job_id)
     assert usage is not None and usage["nodes"] == 1 and usage["gpus"] == 0 and usage["cpus"] >= 1
     assert 3 <= usage["elapsed_s"] < 60
 
     _, run = make_run(make_recipe, launcher="slurm", job_id=job_id)
     write_trainer_like_events(run.tensorboard, steps=10, eval_every=10)
-    text = report.write_report(run.root).read_text()
+    text = report.write_report(run.root, usage=records.train_usage(run)).read_text()
     assert f"sacct, job {job_id}" in text
     assert "1 nodes, 0 GPUs in all" in text

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ftlib.rundir import RunDir, read_json
-from slurm import launch, status
+from launcher import launch, status
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slurm]

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from ftlib.rundir import RunDir
-from slurm import launch, status
+from launcher import launch, status
 from tests.test_serve import call, serve_recipe
 from tests.test_slurm import cluster, wait_for_jobs  # noqa: F401 (cluster: the session fixture)
 

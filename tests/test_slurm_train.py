@@ -10,7 +10,7 @@ import pytest
 from ftlib.data.preprocess import run_shard
 from ftlib.report import read_events, series
 from ftlib.rundir import RunDir
-from slurm import launch, status
+from launcher import launch, status
 from tests.test_slurm import cluster, sacct, wait_for_jobs  # noqa: F401 (cluster: the session fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

@@ -18,6 +18,7 @@ import pytest
 
 from ftlib import checkpoints
 from ftlib import recipe as recipe_mod
+from ftlib.errors import UserError
 from ftlib.rundir import RunDir
 from tests.conftest import DEMO, ROOT
 
@@ -61,7 +62,7 @@ class Ranks:
     """The training processes of one launch; `logs[rank]` is that rank's stdout+stderr."""
 
     def __init__(self, recipe, ranks=(0, 1), world_size=2, single=False):
-        self.folder = Path(recipe.run_dir).parent
+        self.folder = RunDir.of(recipe).root.parent
         path = self.folder / f"recipe-{time.monotonic_ns()}.yaml"
         recipe_mod.save(recipe, path)
         port = free_port()
@@ -159,7 +160,7 @@ def zero2_run(tmp_path_factory):
 @pytest.mark.timeout(300)
 def test_zero2_two_ranks_train_log_and_checkpoint(zero2_run):
     recipe, outcomes = zero2_run
-    run = RunDir(recipe.run_dir)
+    run = RunDir.of(recipe)
     assert outcomes == {0: "completed", 1: "completed"}
 
     loss = scalars(run.root, "train/loss")
@@ -194,7 +195,7 @@ def test_adapter_loads_with_peft_and_changes_the_output(zero2_run):
     recipe, _ = zero2_run
     base = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path)
     before = logits(base)
-    tuned = PeftModel.from_pretrained(base, str(RunDir(recipe.run_dir).adapter))
+    tuned = PeftModel.from_pretrained(base, str(RunDir.of(recipe).adapter))
     after = logits(tuned)
     assert (after - before).abs().max() > 1e-3
     with tuned.disable_adapter():
@@ -207,7 +208,7 @@ def test_interrupt_saves_everywhere_and_resume_reproduces_the_uninterrupted_run(
     """Same recipe and seed as the reference run; SIGUSR2 (Slurm's preemption) arrives at both ranks mid-run."""
     reference, _ = zero2_run
     recipe = make(tmp_path, *TINY, "deepspeed.zero_stage=2")
-    run = RunDir(recipe.run_dir)
+    run = RunDir.of(recipe)
     previous = signal.getsignal(signal.SIGUSR2)
 
     first = Ranks(recipe)
@@ -223,7 +224,7 @@ def test_interrupt_saves_everywhere_and_resume_reproduces_the_uninterrupted_run(
     assert not run.adapter.exists()
 
     # Determinism: a second run of the same recipe and seed has the same losses, exactly (CPU).
-    ref_loss = scalars(reference.run_dir, "train/loss")
+    ref_loss = scalars(RunDir.of(reference).root, "train/loss")
     interrupted_loss = scalars(run.root, "train/loss")
     assert {s: interrupted_loss[s] for s in range(1, stopped_at + 1)} == \
         {s: ref_loss[s] for s in range(1, stopped_at + 1)}
@@ -232,8 +233,8 @@ def test_interrupt_saves_everywhere_and_resume_reproduces_the_uninterrupted_run(
     assert second.finish() == {0: "completed", 1: "completed"}
     assert f"resuming from {saved}" in second.log(0)
     for tag in ("train/loss", "train/grad_norm", "train/learning_rate"):
-        assert scalars(run.root, tag) == scalars(reference.run_dir, tag), tag
-    assert scalars(run.root, "eval/loss")[8] == scalars(reference.run_dir, "eval/loss")[8]
+        assert scalars(run.root, tag) == scalars(RunDir.of(reference).root, tag), tag
+    assert scalars(run.root, "eval/loss")[8] == scalars(RunDir.of(reference).root, "eval/loss")[8]
     assert run.adapter.is_dir()
     assert signal.getsignal(signal.SIGUSR2) == previous  # (this process was never touched)
 
@@ -244,9 +245,9 @@ def test_plain_ddp_without_deepspeed_matches_zero2(zero2_run, tmp_path):
     reference, _ = zero2_run
     recipe = make(tmp_path, *TINY, "deepspeed.enabled=false", "train.max_steps=3")
     assert Ranks(recipe).finish() == {0: "completed", 1: "completed"}
-    assert not RunDir(recipe.run_dir).deepspeed.exists()
-    ref = scalars(reference.run_dir, "train/loss")
-    assert scalars(recipe.run_dir, "train/loss") == pytest.approx({s: ref[s] for s in (1, 2, 3)}, rel=1e-5)
+    assert not RunDir.of(recipe).deepspeed.exists()
+    ref = scalars(RunDir.of(reference).root, "train/loss")
+    assert scalars(RunDir.of(recipe).root, "train/loss") == pytest.approx({s: ref[s] for s in (1, 2, 3)}, rel=1e-5)
 
 
 @pytest.mark.slow
@@ -262,7 +263,7 @@ def test_zero3_two_ranks_packed_and_export_consolidates_the_checkpoint(tmp_path)
                   "train.eval_steps=3", "data.packing=true")
     preprocess(recipe)
     assert Ranks(recipe).finish() == {0: "completed", 1: "completed"}
-    run = RunDir(recipe.run_dir)
+    run = RunDir.of(recipe)
     loss = scalars(run.root, "train/loss")
     assert sorted(loss) == list(range(1, 7))
     eval_loss = scalars(run.root, "eval/loss")
@@ -291,7 +292,7 @@ def test_8bit_base_and_fallback_to_the_previous_complete_checkpoint(tmp_path):
     once = Ranks(recipe, ranks=(0,), single=True)
     assert once.finish() == {0: "completed"}
     assert "world size 1, gradient accumulation 2" in once.log(0)
-    run = RunDir(recipe.run_dir)
+    run = RunDir.of(recipe)
     first = scalars(run.root, "train/loss")
     assert sorted(first) == [1, 2, 3, 4]
 
@@ -315,10 +316,10 @@ def test_4bit_base_under_zero3_with_gradient_checkpointing_trains(tmp_path):
                   "model.gradient_checkpointing=true")
     preprocess(recipe)
     assert Ranks(recipe).finish() == {0: "completed", 1: "completed"}
-    loss = scalars(recipe.run_dir, "train/loss")
+    loss = scalars(RunDir.of(recipe).root, "train/loss")
     assert sorted(loss) == [1, 2, 3] and all(v == v for v in loss.values())
-    assert sorted(scalars(recipe.run_dir, "eval/loss")) == [3]
-    assert (RunDir(recipe.run_dir).adapter / "adapter_model.safetensors").is_file()
+    assert sorted(scalars(RunDir.of(recipe).root, "eval/loss")) == [3]
+    assert (RunDir.of(recipe).adapter / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.timeout(120)
@@ -371,7 +372,7 @@ def test_gradient_accumulation_comes_from_the_actual_world_size(make_recipe):
 
     r = make_recipe("train.global_batch_size=16", "train.micro_batch_size=4")
     assert [gradient_accumulation_steps(r, w) for w in (1, 2, 4)] == [4, 2, 1]
-    with pytest.raises(ValueError, match="train.global_batch_size: 16 is not divisible by .* 4 × 3"):
+    with pytest.raises(UserError, match="train.global_batch_size: 16 is not divisible by .* 4 × 3"):
         gradient_accumulation_steps(r, 3)
 
 

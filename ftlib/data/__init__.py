@@ -18,5 +18,8 @@ On disk (`data.cache_dir`):
 """
 
 
-class DataError(Exception):
+from ftlib.errors import UserError
+
+
+class DataError(UserError):
     """Bad data or an incomplete preprocessing output, in one line naming the file, the reason and examples."""

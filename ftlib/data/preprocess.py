@@ -3,8 +3,9 @@ them, and writes a `datasets` directory under the fingerprint's output directory
 
   output_dir(recipe)                     <data.cache_dir>/<fingerprint>
   run_shard(recipe, index, num_shards)   idempotent: returns at once when the shard's marker exists
-  write_manifest(recipe)                 manifest.json from all shards' markers (once every shard is done)
-  shards_status(recipe)                  which shards are done, for `make status`
+  write_manifest(recipe)                 manifest.json from all shards' markers: the data stage's last step, taken
+                                         by whichever shard finishes last
+  shards_status(recipe)                  which shards are done (the launcher skips them)
 
 A shard writes under a temporary name, renames it, then writes its marker `shard-I-of-N.done.json` (its statistics).
 The marker is the only sign of completion: a shard killed at any point leaves no marker, and a rerun redoes it.
@@ -22,12 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
 import socket
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -35,12 +34,13 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ftlib import progress
 from ftlib.data import DataError
 from ftlib.data import formats
 from ftlib.data.sources import InvalidJSON, Part, list_files, location, read_part, shard_parts
 from ftlib.rundir import read_json, write_json
 
-log = logging.getLogger("ftlib.data")
+log = progress.logger("data")
 
 DATA_CODE_VERSION = 1      # bump when a change to formats/tokenize changes the rows written
 BATCH_ROWS = 1000          # rows per tokenizer call
@@ -158,13 +158,13 @@ def _done_markers(out: Path) -> Dict[int, Dict[int, Path]]:
 def run_shard(recipe, index: int, num_shards: int) -> Path:
     """Tokenize shard `index` of `num_shards`; returns its directory. Raises DataError when more than
     data.max_bad_fraction of its rows are malformed (then nothing is marked complete)."""
-    _show_progress_lines()
     out = output_dir(recipe)
     name = shard_name(index, num_shards)
     final, marker = out / name, _marker(out, index, num_shards)
     tag = f"preprocess shard {index} of {num_shards}"
     if marker.exists():
         log.info(f"{tag}: already done ({final})")
+        _manifest_if_last(recipe, out, num_shards)
         return final
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "fingerprint.json").exists():
@@ -210,7 +210,21 @@ def run_shard(recipe, index: int, num_shards: int) -> Path:
     stats["seconds"] = round(time.time() - started, 3)
     write_json(marker, stats)
     log.info(f"{tag}: done in {stats['seconds']:.1f} s: {_summary(stats)}")
+    _manifest_if_last(recipe, out, num_shards)
     return final
+
+
+def _manifest_if_last(recipe, out: Path, num_shards: int) -> None:
+    """The shard that completes the set writes the manifest. Two shards finishing at once may both write it: the
+    same content, written atomically."""
+    if len(_done_markers(out).get(num_shards, {})) == num_shards and not has_manifest(out, num_shards):
+        write_manifest(recipe)
+
+
+def has_manifest(out: Path, num_shards: int) -> bool:
+    """The data stage is done: the manifest of this set of shards is written (the same rows may have been written
+    before as another number of shards, with its own manifest)."""
+    return read_json(out / "manifest.json", {}).get("num_shards") == num_shards
 
 
 class _Shard:
@@ -356,23 +370,16 @@ def _summary(stats: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------------- all shards
 def shards_status(recipe) -> dict:
-    """Which shards of the recipe's output are complete. `num_shards` is the recipe's, unless only another count
-    (a hand-submitted array of another size) is complete."""
+    """Which shards of the recipe's output are complete, for the launcher's "what is left to do". `num_shards` is
+    the recipe's, unless only another count (a hand-submitted array of another size) is complete."""
     out = output_dir(recipe)
     done = _done_markers(out)
     n = _complete_count(done, recipe.data.num_shards) or recipe.data.num_shards
-    complete = sorted(done.get(n, {}))
-    running = sorted({int(m.group(1)) for p in (out.glob(f"shard-*-of-{n:05d}.tmp-*") if out.is_dir() else [])
-                      for m in [re.match(r"shard-(\d+)-of-", p.name)] if m} - set(complete))
     return {
-        "dir": str(out),
-        "fingerprint": out.name,
         "num_shards": n,
-        "complete": complete,
+        "complete": sorted(done.get(n, {})),
         "missing": [i for i in range(n) if i not in done.get(n, {})],
-        "in_progress": running,   # temporary folders: running now, or killed
-        "ready": len(complete) == n,
-        "other_shard_counts": {k: sorted(v) for k, v in done.items() if k != n},
+        "manifest": has_manifest(out, n),  # the stage's last step is done
     }
 
 
@@ -476,13 +483,3 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-def _show_progress_lines() -> None:
-    """Progress lines go to stderr (the Slurm log) unless the program set up logging itself."""
-    if log.level == logging.NOTSET:
-        log.setLevel(logging.INFO)
-    if not log.hasHandlers():
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-        log.addHandler(handler)

@@ -2,6 +2,20 @@
 
 They are pickled by submitit, so they take the resolved recipe as their only state. The steps themselves
 (ftlib.data, ftlib.train, ftlib.serve) know nothing of Slurm; everything Slurm-specific is here.
+
+Requeue after preemption or at the time limit relies on these submitit 1.5 behaviours (pinned in
+env/requirements.lock; recheck them when upgrading):
+  - submitit asks Slurm for `--signal=USR2@90` and, in every task, installs a handler for that signal
+    (`JobEnvironment._handle_signals`; the signal is the private `JobEnvironment._usr_sig()`) that, on global
+    rank 0 only, calls our `checkpoint()` (a `helpers.Checkpointable` method), pickles the returned
+    `DelayedSubmission` over the job's submitted pickle, runs `scontrol requeue <job>` and exits. On other ranks
+    the handler returns and does nothing.
+  - ftlib.train takes USR1/USR2/TERM itself while training (to checkpoint on every rank at a step boundary), so
+    `Train` re-raises the signal on rank 0 afterwards to reach submitit's handler.
+  - submitit counts a signal as a timeout when the job has run 80% of its time (or all but 10 minutes), and then
+    requeues at most `max_num_timeout` times (launcher.executors.Slurm); a preemption is not counted.
+  - A requeued job starts again from the pickled DelayedSubmission, i.e. calls `Train()(recipe)` again; training
+    resumes from its latest complete checkpoint by itself.
 """
 from __future__ import annotations
 
@@ -27,7 +41,7 @@ class Train(submitit.helpers.Checkpointable):
     `ftlib.train.train` again, which resumes from the latest complete checkpoint by itself."""
 
     def __call__(self, recipe) -> str:
-        use_gpus = recipe.slurm.train.gpus_per_node > 0
+        use_gpus = recipe.resources.train.gpus_per_node > 0
         if not use_gpus:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # Name nodes in rendezvous errors by their Slurm name (on the test cluster all share one hostname).

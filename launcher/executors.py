@@ -1,0 +1,165 @@
+"""How a stage is run. Three executors with one method each that matters, `run(stage, todo, after)`:
+
+  Slurm    submits the stage with submitit's SlurmExecutor, after the previous stage (afterok); returns at once
+  Local    runs it on this machine with submitit's LocalExecutor (a stage's ranks become local processes) and waits
+  DryRun   writes the sbatch script that Slurm would get, submits nothing
+
+Every executor records what it started in jobs.json (launcher.records) so that `make status` finds it.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import submitit
+
+from ftlib.errors import UserError
+from ftlib.rundir import RunDir, write_atomic
+from launcher import records
+from launcher.sbatch import render_sbatch, slurm_parameters
+from launcher.stages import Stage
+
+
+class LaunchError(UserError):
+    """A stage failed or cannot be submitted; the message says which and where its log is."""
+
+
+@dataclass
+class Submitted:
+    stage: str
+    job_id: str
+    folder: str
+    tasks: List[int] = field(default_factory=list)  # shard indices, for an array stage
+    jobs: list = field(default_factory=list, repr=False)  # submitit Job objects (not saved)
+
+
+def _submit(ex, stage: Stage, recipe, todo: List[int]) -> Submitted:
+    """Submit a stage's jobs through a submitit executor: one per shard for an array stage, else one."""
+    calls = stage.calls(recipe, todo)
+    if stage.array:
+        with ex.batch():
+            jobs = [ex.submit(stage.run, *args) for args in calls]
+    else:
+        jobs = [ex.submit(stage.run, *calls[0])]
+    return Submitted(stage.name, jobs[0].job_id.split("_")[0], str(ex.folder),
+                     tasks=list(todo) if stage.array else [], jobs=jobs)
+
+
+def _record(run: RunDir, launcher: str, sub: Submitted) -> None:
+    task_jobs = {index: job.job_id for index, job in zip(sub.tasks, sub.jobs)}
+    records.JobRecords(run).add(sub.stage, launcher, sub.job_id, Path(sub.folder), task_jobs)
+
+
+class Slurm:
+    name = "slurm"
+    skipped = "[{}] already done, skipped"
+
+    def prepare(self, run: RunDir) -> None:
+        """Refuse to submit a run that still has jobs queued or running (they would write the same files)."""
+        ids = records.JobRecords(run).slurm_ids()
+        active = {j: s for j, s in records.job_states(ids).items() if s in records.ACTIVE}
+        if active:
+            listing = ", ".join(f"{j} {s}" for j, s in active.items())
+            raise LaunchError(f"{run.root.name} still has jobs in flight ({listing}); "
+                              f"`make cancel RUN={run.root}` first")
+
+    def run(self, run: RunDir, stage: Stage, recipe, todo: List[int], after: Optional[Submitted]) -> Submitted:
+        dependency = f"afterok:{after.job_id}" if after else None
+        ex = submitit.SlurmExecutor(folder=run.stage_logs(stage.name), max_num_timeout=3)
+        ex.update_parameters(**slurm_parameters(recipe, stage, dependency))
+        sub = _submit(ex, stage, recipe, todo)
+        # Keep the script submitit generated (<folder>/<job id>_submission.sh) beside the run's other scripts.
+        script = submitit.JobPaths(sub.folder, job_id=sub.jobs[0].job_id).submission_file
+        if script.is_file():
+            write_atomic(run.sbatch / f"{stage.name}.sbatch", script.read_text())
+        _record(run, self.name, sub)
+        print(f"[{stage.name}] submitted job {sub.job_id}" + (f" ({len(sub.tasks)} array tasks)" if sub.tasks else "")
+              + (f", after {after.job_id}" if after else ""))
+        return sub
+
+
+class Local:
+    name = "local"
+    skipped = "[{}] already done, skipped"
+
+    def prepare(self, run: RunDir) -> None:
+        pass
+
+    def run(self, run: RunDir, stage: Stage, recipe, todo: List[int], after: Optional[Submitted]) -> Optional[Submitted]:
+        if stage.foreground:
+            stage.foreground(recipe)
+            return None
+        r = stage.resources(recipe)
+        processes = r.nodes * r.tasks_per_node if stage.ranks else 1  # one machine: all ranks are local processes
+        ex = submitit.LocalExecutor(folder=run.stage_logs(stage.name))
+        ex.update_parameters(timeout_min=r.time_min, tasks_per_node=processes, nodes=1)
+        if stage.array:
+            print(f"[{stage.name}] {len(todo)} of {recipe.data.num_shards} tasks as a local array")
+        else:
+            print(f"[{stage.name}] {processes} process(es)" + (f", world size {processes}" if stage.ranks else ""))
+        started = time.time()
+        sub = _submit(ex, stage, recipe, todo)
+        _record(run, self.name, sub)
+        _wait(sub, follow=stage.ranks)
+        print(f"[{stage.name}] done in {time.time() - started:.0f} s")
+        return sub
+
+
+class DryRun:
+    name = "dry run"
+    skipped = "# [{}] already done, would be skipped"
+
+    def __init__(self):
+        self.written: List[Path] = []
+
+    def prepare(self, run: RunDir) -> None:
+        pass
+
+    def run(self, run: RunDir, stage: Stage, recipe, todo: List[int], after: Optional[Submitted]) -> Submitted:
+        dependency = f"afterok:<{after.stage}>" if after else None
+        path = run.sbatch / f"{stage.name}.sbatch"
+        write_atomic(path, render_sbatch(recipe, stage, dependency, len(todo) if stage.array else None))
+        self.written.append(path)
+        return Submitted(stage.name, f"<{stage.name}>", str(run.stage_logs(stage.name)),
+                         tasks=list(todo) if stage.array else [])
+
+
+# ----------------------------------------------------------------------------------------------------- local waiting
+def _wait(sub: Submitted, follow: bool) -> None:
+    """Wait for every job of a local stage; print rank 0's log lines as they come when `follow`. A failed task
+    raises LaunchError with the task's own error line (e.g. a DataError naming file and line) and its log."""
+    printed = 0
+    while not all(j.done() for j in sub.jobs):
+        if follow:
+            printed = _print_new(sub.jobs[0].paths.stdout, printed)
+        time.sleep(1)
+    if follow:
+        _print_new(sub.jobs[0].paths.stdout, printed)
+    for index, job in enumerate(sub.jobs):
+        try:
+            job.results()  # every task of the job (ranks)
+        except Exception as e:  # submitit re-raises the task's exception with its traceback as text
+            what = f"shard {sub.tasks[index]}" if sub.tasks else f"job {job.job_id}"
+            raise LaunchError(f"[{sub.stage}] {what} failed: {task_error(str(e)) or type(e).__name__}\n"
+                              f"  log: {job.paths.stderr}") from None
+
+
+def task_error(text: str) -> str:
+    """The exception line of a failed submitit task: the last line of the traceback it carries (submitit appends
+    the log paths after it, which say nothing of the cause)."""
+    traceback = re.split(r"\n-{10,}\n", text)
+    lines = [line for line in (traceback[1] if len(traceback) > 2 else text).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def _print_new(path: Path, already: int) -> int:
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return already
+    for line in lines[already:]:
+        print("   ", line)
+    return len(lines)

@@ -1,0 +1,170 @@
+"""Job records: which job ran which stage of a run (jobs.json), and what Slurm says about those jobs.
+
+The one module that reads and writes a run's jobs.json and calls Slurm's accounting (`sacct`, `squeue`). Every
+state list lives here. jobs.json holds, for each stage, its latest submission and the history of all of them:
+
+  {"stages": {"train": {"job_id": "13", "folder": ".../logs/train", "launcher": "slurm", "tasks": [],
+                        "task_jobs": {}, "submitted": "..."}}, "history": [...]}
+
+`tasks` lists an array stage's shard indices and `task_jobs` maps each to its own job id ("12_3" on Slurm, a process
+id locally), from which submitit's JobPaths names the logs.
+"""
+from __future__ import annotations
+
+import datetime
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from submitit.core.utils import JobPaths
+
+from ftlib.rundir import RunDir, read_json, write_json
+
+# Slurm job states (sacct/squeue spelling).
+ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "COMPLETING")
+FAILED = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE")
+WORST_FIRST = ["FAILED", "OUT_OF_MEMORY", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "CANCELLED", "PREEMPTED",
+               "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "PENDING", "COMPLETED"]
+
+
+# ----------------------------------------------------------------------------------------------------- jobs.json
+class JobRecords:
+    """A run's jobs.json."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+
+    def _read(self) -> dict:
+        return read_json(self.run.jobs, {"stages": {}, "history": []})
+
+    def stages(self) -> Dict[str, dict]:
+        """{stage: its latest submission}, in the order they were first submitted."""
+        return self._read()["stages"]
+
+    def latest(self, stage: str) -> Optional[dict]:
+        return self.stages().get(stage)
+
+    def add(self, stage: str, launcher: str, job_id: str, folder: Path, task_jobs: Optional[Dict[int, str]] = None):
+        now = datetime.datetime.now().isoformat(timespec="seconds")
+        state = self._read()
+        task_jobs = task_jobs or {}
+        entry = {"job_id": job_id, "folder": str(folder), "launcher": launcher, "submitted": now,
+                 "tasks": sorted(task_jobs), "task_jobs": {str(k): v for k, v in task_jobs.items()}}
+        state["stages"][stage] = entry
+        state.setdefault("history", []).append({"stage": stage, **entry})
+        write_json(self.run.jobs, state)
+
+    def slurm_ids(self) -> List[str]:
+        """The latest Slurm job id of every stage, in chain order."""
+        return [e["job_id"] for e in self.stages().values() if e.get("launcher") == "slurm"]
+
+    def log_paths(self, stage: str, task: int = 0, job_id: Optional[str] = None) -> JobPaths:
+        """submitit's paths of one task's logs: the shard index of an array stage, else the rank (task) of the job.
+        `job_id` picks a given job (e.g. an array task's "12_3") instead of the latest submission's."""
+        entry = self.latest(stage)
+        if entry is None:
+            raise FileNotFoundError(f"{self.run.root}: no {stage} stage was submitted (jobs.json)")
+        if entry.get("tasks"):  # an array stage: one job of one task per shard
+            job_id = job_id or entry.get("task_jobs", {}).get(str(task)) or f"{entry['job_id']}_{task}"
+            return JobPaths(entry["folder"], job_id=job_id, task_id=0)
+        return JobPaths(entry["folder"], job_id=job_id or entry["job_id"], task_id=task)
+
+    def stage_states(self, lookup=None) -> Dict[str, dict]:
+        """{stage: {job_id, launcher, state}}: one Slurm state per stage (an array takes its worst task's), None
+        for local stages or when accounting is unavailable. `lookup(ids)` is `job_states` unless given."""
+        stages = {name: {"job_id": e.get("job_id"), "launcher": e.get("launcher"), "state": None}
+                  for name, e in self.stages().items()}
+        ids = [s["job_id"] for s in stages.values() if s["launcher"] == "slurm" and s["job_id"]]
+        states = (lookup or job_states)(ids) if ids else {}
+        for s in stages.values():
+            if s["launcher"] == "slurm" and states:
+                s["state"] = stage_state(str(s["job_id"]), states)
+        return stages
+
+
+# ----------------------------------------------------------------------------------------------------- Slurm
+def sacct(job_ids: List[str], fields: List[str]) -> List[Dict[str, str]]:
+    """One dict per job (and per array task), allocation lines only; [] when accounting is unavailable."""
+    if not job_ids or not shutil.which("sacct"):
+        return []
+    try:
+        out = subprocess.run(["sacct", "-X", "-P", "-n", f"--format={','.join(fields)}", "-j", ",".join(job_ids)],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    rows = [line.split("|") for line in out.stdout.splitlines()]
+    return [dict(zip(fields, values)) for values in rows if len(values) == len(fields)]
+
+
+def job_states(job_ids: List[str]) -> Dict[str, str]:
+    """Job id (array tasks as <id>_<k>) -> Slurm state, e.g. {"12_0": "COMPLETED", "13": "PENDING"}."""
+    return {r["JobID"]: r["State"].split()[0] for r in sacct(job_ids, ["JobID", "State"])}
+
+
+def stage_state(job_id: str, states: Dict[str, str]) -> str:
+    """One state for a stage's job: an array job takes its worst task's state."""
+    mine = {s for j, s in states.items() if j == job_id or j.startswith(f"{job_id}_")}
+    if not mine:
+        return "UNKNOWN"
+    return min(mine, key=lambda s: WORST_FIRST.index(s) if s in WORST_FIRST else len(WORST_FIRST))
+
+
+def pending_reasons(job_ids: List[str]) -> Dict[str, str]:
+    """Pending jobs' reasons from squeue (sacct does not always show them)."""
+    if not job_ids or not shutil.which("squeue"):
+        return {}
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(job_ids)],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    reasons = {}
+    for line in out.stdout.splitlines():
+        job, state, reason = (line.split("|") + ["", ""])[:3]
+        reasons[job] = reason if reason and reason != "None" else state
+    return reasons
+
+
+def cancel(job_ids: List[str]) -> None:
+    if job_ids:
+        subprocess.run(["scancel", *job_ids], check=False)
+
+
+def usage(job_id: str) -> Optional[Dict[str, float]]:
+    """Elapsed seconds, nodes, GPUs and CPUs of a Slurm job from its accounting (None when sacct is unavailable).
+    For a requeued job, sacct reports the latest attempt."""
+    rows = sacct([str(job_id)], ["Elapsed", "NNodes", "AllocTRES"])
+    if not rows:
+        return None
+    row = rows[-1]
+    alloc = parse_tres(row["AllocTRES"])
+    return {"elapsed_s": parse_elapsed(row["Elapsed"]), "nodes": float(row["NNodes"] or 0),
+            "gpus": alloc.get("gpu", 0.0), "cpus": alloc.get("cpu", 0.0), "job_id": str(job_id)}
+
+
+def train_usage(run: RunDir) -> Optional[Dict[str, float]]:
+    """What the cluster charged for the run's training job (None for a local run or without accounting)."""
+    entry = JobRecords(run).latest("train") or {}
+    return usage(entry["job_id"]) if entry.get("launcher") == "slurm" and entry.get("job_id") else None
+
+
+def parse_elapsed(text: str) -> float:
+    """Slurm's [D-]HH:MM:SS (or MM:SS) -> seconds."""
+    days, _, clock = text.strip().rpartition("-")
+    parts = [float(x) for x in clock.split(":")]
+    seconds = sum(v * 60 ** i for i, v in enumerate(reversed(parts)))
+    return seconds + 86400 * int(days or 0)
+
+
+def parse_tres(text: str) -> Dict[str, float]:
+    """AllocTRES like `cpu=4,mem=8G,node=2,gres/gpu=8` -> {"cpu": 4, "node": 2, "gpu": 8} (memory left out)."""
+    out: Dict[str, float] = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key.startswith("gres/gpu"):  # gres/gpu=8, or typed: gres/gpu:a100=8 (counted once via the plain key)
+            if key == "gres/gpu" or "gpu" not in out:
+                out["gpu"] = float(value)
+        elif key in ("cpu", "node"):
+            out[key] = float(value)
+    return out

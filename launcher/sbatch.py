@@ -1,0 +1,48 @@
+"""Recipe -> the sbatch script of a stage. Pure functions: tests/test_launch.py checks them against golden files."""
+from __future__ import annotations
+
+import sys
+from typing import Dict, Optional
+
+from submitit.slurm.slurm import _make_sbatch_string
+
+from ftlib.rundir import RunDir
+from launcher.stages import STAGES, Stage
+
+
+def slurm_parameters(recipe, stage: Stage | str, dependency: Optional[str] = None) -> Dict:
+    """submitit SlurmExecutor parameters of one stage: its resources (`resources.<stage>`) and the site's
+    settings for it (`slurm.<stage>`)."""
+    stage = STAGES[stage] if isinstance(stage, str) else stage
+    r, site = stage.resources(recipe), stage.site(recipe)
+    params = {
+        "job_name": f"{recipe.run.name}-{stage.name}",
+        "time": r.time_min,
+        "nodes": r.nodes,
+        "ntasks_per_node": stage.tasks_per_node(recipe),
+        "cpus_per_task": r.cpus_per_task,
+        "array_parallelism": r.array_parallelism,
+        "setup": list(site.setup),
+    }
+    optional = {"partition": site.partition, "account": site.account, "qos": site.qos, "constraint": site.constraint,
+                "mem": f"{int(r.mem_gb * 1024)}M" if r.mem_gb else None,
+                "gpus_per_node": r.gpus_per_node or None, "exclusive": True if r.exclusive else None,
+                "dependency": dependency}
+    params.update({k: v for k, v in optional.items() if v is not None})
+    extra = dict(site.additional)
+    if dependency:
+        # Without this, a job whose dependency failed stays PENDING (DependencyNeverSatisfied) forever.
+        extra.setdefault("kill-on-invalid-dep", "yes")
+    if extra:
+        params["additional_parameters"] = extra
+    return params
+
+
+def render_sbatch(recipe, stage: Stage | str, dependency: Optional[str] = None,
+                  array_size: Optional[int] = None) -> str:
+    """The sbatch script submitit submits for a stage."""
+    stage = STAGES[stage] if isinstance(stage, str) else stage
+    folder = RunDir.of(recipe).stage_logs(stage.name)
+    command = f"{sys.executable} -u -m submitit.core._submit {folder}"
+    return _make_sbatch_string(command=command, folder=folder, map_count=array_size,
+                               **slurm_parameters(recipe, stage, dependency))

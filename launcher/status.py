@@ -1,0 +1,76 @@
+"""Operations on a submitted run: `make status`, `make logs`, `make cancel`.
+
+Everything comes from the run directory's jobs.json and from Slurm's accounting (launcher.records), so it works
+from any login node, for runs submitted by anyone with access to the folder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from ftlib.rundir import RunDir
+from launcher import records
+
+FIELDS = ["JobID", "JobName", "State", "Elapsed", "NodeList", "ExitCode", "Reason"]
+
+
+def stage_rows(run: RunDir) -> List[Dict[str, str]]:
+    """One row per job (and per array task) of the run's latest submission of each stage."""
+    rows = []
+    for stage, entry in records.JobRecords(run).stages().items():
+        if entry.get("launcher") != "slurm":
+            rows.append({"stage": stage, "JobID": entry["job_id"], "State": "LOCAL", "Elapsed": "", "NodeList": "",
+                         "ExitCode": "", "Reason": ""})
+            continue
+        rows += [{"stage": stage, **r} for r in records.sacct([entry["job_id"]], FIELDS)]
+    return rows
+
+
+def log_path(run: RunDir, stage: str, task: int = 0, err: bool = False, job_id: Optional[str] = None) -> Path:
+    """The log of one task: the shard index for preprocessing, the rank for training."""
+    paths = records.JobRecords(run).log_paths(stage, task, job_id)
+    return paths.stderr if err else paths.stdout
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return f"(no log at {path})"
+
+
+def status(run: RunDir) -> str:
+    """A table of each stage's jobs, and for each failed task the tail of its log."""
+    rows = stage_rows(run)
+    if not rows:
+        return f"{run.root}: nothing submitted yet"
+    pending = records.pending_reasons([r["JobID"] for r in rows if r["State"] == "PENDING"])
+    out = [f"run {run.root}", f"{'stage':<11}{'job':<12}{'state':<14}{'elapsed':<11}{'nodes':<16}exit"]
+    failures = []
+    for r in rows:
+        state = r["State"].split()[0]
+        if state == "PENDING" and pending.get(r["JobID"]):
+            state = f"PENDING ({pending[r['JobID']]})"
+        out.append(f"{r['stage']:<11}{r['JobID']:<12}{state:<14}{r['Elapsed']:<11}{r['NodeList']:<16}{r['ExitCode']}")
+        if state in records.FAILED:
+            failures.append(r)
+    for r in failures:
+        if "_" in r["JobID"]:  # an array task: its index is the shard
+            task = int(r["JobID"].split("_")[1].strip("[]").split("-")[0])
+            what = f"shard {task} (array task {r['JobID']})"
+        elif r["State"].startswith("CANCELLED"):
+            out.append(f"\n{r['stage']}: job {r['JobID']} was cancelled ({r['State']})")
+            continue
+        else:
+            task, what = 0, f"job {r['JobID']}"
+        log = log_path(run, r["stage"], task, err=True, job_id=r["JobID"])
+        out.append(f"\n{r['stage']}: {what} {r['State']}, exit {r['ExitCode']}; last lines of {log}:")
+        out.append(tail(log))
+    return "\n".join(out)
+
+
+def cancel(run: RunDir) -> List[str]:
+    """scancel every job of the run's chain; returns the ids."""
+    ids = records.JobRecords(run).slurm_ids()
+    records.cancel(ids)
+    return ids
