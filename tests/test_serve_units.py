@@ -97,6 +97,26 @@ def test_chat_requests_use_the_training_template_for_messages_data(generator, ma
     assert chat.tokenizer.decode(chat.encode_chat(messages)) == "<s>Be kind.\n\nUSER: Hi\nASSISTANT:"
 
 
+def test_request_bounds_come_from_the_recipe():
+    """The request models hold the bounds; the recipe's (serve.*) arrive as the validation context."""
+    from pydantic import ValidationError
+
+    from ftlib.recipe import ServeConfig
+    from ftlib.serve.app import ApiError, CompletionRequest, _invalid
+
+    for limit in (8, 64):
+        limits = ServeConfig(max_new_tokens=limit, default_max_new_tokens=limit, max_prompts_per_request=2)
+        ok = CompletionRequest.model_validate({"prompt": "hi", "max_tokens": limit}, context=limits)
+        assert ok.max_tokens == limit
+        with pytest.raises(ValidationError) as e:
+            CompletionRequest.model_validate({"prompt": "hi", "max_tokens": limit + 1}, context=limits)
+        error = _invalid(e.value)
+        assert (error.status, error.param) == (400, "max_tokens")
+        assert error.message == f"max_tokens: must be between 1 and {limit} (serve.max_new_tokens), got {limit + 1}"
+    with pytest.raises(ApiError, match=r"prompt: 3 prompts in one request; the limit is 2 \(serve.max_prompts"):
+        CompletionRequest.model_validate({"prompt": ["a", "b", "c"]}, context=limits)
+
+
 def test_the_run_adapter_is_required_unless_others_are_listed(make_recipe):
     from ftlib.serve.engine import served_adapters
 

@@ -10,10 +10,11 @@
     GET  /v1/models             the served names: the run's adapter (the default), serve.adapters, the base model
     GET  /health                no token needed; the answering replica, its node and its batching counters
 
-`model` picks the adapter (or the base model by its name). Generation parameters (max_tokens, temperature, top_p,
-top_k, num_beams, stop, seed) are checked against the recipe's limits; every bad request gets a 4xx answer in
-OpenAI's error format ({"error": {"message", "type", "param", "code"}}) and the replica carries on. Every route but
-/health needs `Authorization: Bearer <token>` (401 otherwise).
+`model` picks the adapter (or the base model by its name). The request models bound every field (max_tokens,
+temperature, top_p, top_k, num_beams, stop, seed, the number of prompts), with the recipe's limits where it sets
+them; every bad request gets a 4xx answer in OpenAI's error format ({"error": {"message", "type", "param", "code"}})
+and the replica carries on. Every route but /health needs `Authorization: Bearer <token>` (401 otherwise: the
+`authorize` dependency).
 
 Concurrent requests meet in `Endpoint.generate_batch` (`@serve.batch`): up to serve.max_batch_size prompts, waiting
 at most serve.batch_wait_timeout_s, go through one `Generator.generate` call (requests for different adapters
@@ -24,13 +25,15 @@ import asyncio
 import hashlib
 import hmac
 import json
+import reprlib
 import time
 import uuid
-from typing import List, Literal, Optional, Union
+from typing import Annotated, List, Literal, Optional, Union
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, WrapValidator, model_validator
+from pydantic_core import PydanticCustomError
 import ray
 from ray import serve
 from starlette.exceptions import HTTPException
@@ -55,31 +58,43 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
-@api.exception_handler(ApiError)
-async def _api_error(request, e: ApiError):
+async def _openai_error(request: Request, e: Exception) -> JSONResponse:
+    """Every error answer, in OpenAI's format: our refusals, Starlette's (unknown path, wrong method), and any
+    other exception as a 500."""
+    if isinstance(e, HTTPException):
+        e = ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}")
+    elif not isinstance(e, ApiError):
+        e = ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
     return e.response()
 
 
-@api.exception_handler(HTTPException)
-async def _http_error(request, e: HTTPException):  # unknown path, wrong method
-    return ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}").response()
+# Starlette looks handlers up by the exception's class: one function, registered for the three kinds.
+for _kind in (ApiError, HTTPException, Exception):
+    api.add_exception_handler(_kind, _openai_error)
 
 
-@api.exception_handler(Exception)
-async def _internal_error(request, e: Exception):
-    return ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").response()
+_SHORT = reprlib.Repr()  # reprlib cuts long strings, lists and deep nesting before it formats them
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 4, 4, 60, 60
+
+
+def _excerpt(value, limit: int = 80) -> str:
+    """A request's value quoted in an error message: at most `limit` characters, however long or deep it is."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _invalid(e: ValidationError) -> ApiError:
-    """The first field pydantic found wrong, as '<field>: <what is wrong>'."""
-    def field(err):  # pydantic names the alternatives of a Union in the location: text.str, text.list[str]
-        return ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and (p in TYPE_TAGS or "[" in p)))
+    """The first field pydantic found wrong, as '<field>: <what is wrong>, got <excerpt>'."""
+    def field(err):  # pydantic names the alternatives of a Union in the location: text.str, stop.list[...];
+        # a location that starts with a number is an item of the notebook's list: the field is the parameter.
+        loc = err["loc"][1:] if err["loc"] and isinstance(err["loc"][0], int) else err["loc"]
+        return ".".join(str(p) for p in loc if not (isinstance(p, str) and (p in TYPE_TAGS or "[" in p or "-" in p)))
 
-    errors = e.errors()
+    errors = e.errors(include_url=False)
     where = field(errors[0])
     reasons = list(dict.fromkeys(err["msg"] for err in errors if field(err) == where))  # a Union: each alternative
     err = errors[0]
-    got = f" (got {json.dumps(err['input'])[:80]})" if "input" in err and err["type"] != "missing" else ""
+    got = f", got {_excerpt(err['input'])}" if "input" in err and err["type"] != "missing" else ""
     return ApiError(400, f"{where or 'body'}: {', or '.join(reasons)}{got}", param=where or None)
 
 
@@ -87,6 +102,53 @@ TYPE_TAGS = {"str", "int", "float", "bool", "none"}
 
 
 # ----------------------------------------------------------------------------------------------------- requests
+# Every bound on a request is here, in its model. The fixed ones are pydantic Field bounds; those that come from the
+# recipe (serve.max_new_tokens, ...) are read from the validation context, which is the recipe's `serve` section:
+# Model.model_validate(body, context=recipe.serve).
+BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short", "too_long",
+                "string_too_short", "string_too_long", "out_of_bounds"}
+
+
+def bounded(kind, why: str, at_most: Optional[str] = None, **field_bounds):
+    """`kind` within pydantic Field bounds (ge, gt, le, lt, min_length, max_length) and, with `at_most`, at most the
+    recipe's serve.<at_most>. Out of bounds, the message is 'must be <why>', `why` filled in with the recipe's
+    serve section ("between 1 and {max_new_tokens}")."""
+    def check(value, handler, info):
+        try:
+            value = handler(value)
+        except ValidationError as e:
+            if not any(err["type"] in BOUND_ERRORS for err in e.errors(include_url=False)):
+                raise  # the wrong type: pydantic's own message
+        else:
+            if at_most is None or value <= getattr(info.context, at_most):
+                return value
+        limits = vars(info.context) if info.context is not None else {}
+        raise PydanticCustomError("out_of_bounds", "must be {why}", {"why": why.format_map(limits)})
+
+    return Annotated[(kind, *([Field(**field_bounds)] if field_bounds else []), WrapValidator(check))]
+
+
+MaxTokens = bounded(int, "between 1 and {max_new_tokens} (serve.max_new_tokens)", ge=1, at_most="max_new_tokens")
+NumBeams = bounded(int, "between 1 and {max_num_beams} (serve.max_num_beams)", ge=1, at_most="max_num_beams")
+Temperature = bounded(float, "between 0 and 2", ge=0, le=2)
+TopP = bounded(float, "in (0, 1]", gt=0, le=1)
+TopK = bounded(int, "0 (off) or positive", ge=0)
+Seed = bounded(int, "between 0 and 2**63-1", ge=0, lt=2**63)
+OneChoice = bounded(int, "1 (only n=1 is supported)", ge=1, le=1)
+NonEmpty = Annotated[str, Field(min_length=1)]
+Stop = bounded(Union[NonEmpty, Annotated[List[NonEmpty], Field(max_length=4)]], "up to 4 non-empty strings")
+
+
+# Checks across fields (or list items) raise ApiError, which pydantic lets through unchanged: pydantic would report
+# them for the whole model, with no field to name in `param`.
+def _count_prompts(n: int, param: str, limits) -> None:
+    if n == 0:
+        raise ApiError(400, f"{param}: no prompt given", param=param)
+    if n > limits.max_prompts_per_request:
+        raise ApiError(400, f"{param}: {n} prompts in one request; the limit is {limits.max_prompts_per_request} "
+                       f"(serve.max_prompts_per_request)", param=param)
+
+
 class Strict(BaseModel):
     # strict: "0.5" is not a temperature and true is not a max_tokens. Unknown fields (user, logprobs: null, ...)
     # that OpenAI clients send are ignored.
@@ -95,23 +157,61 @@ class Strict(BaseModel):
 
 class GenerationFields(Strict):
     model: Optional[str] = None
-    max_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    num_beams: Optional[int] = None
-    stop: Union[str, List[str], None] = None
-    seed: Optional[int] = None
-    n: Optional[int] = None
+    max_tokens: Optional[MaxTokens] = None
+    temperature: Optional[Temperature] = None
+    top_p: Optional[TopP] = None
+    top_k: Optional[TopK] = None
+    num_beams: Optional[NumBeams] = None
+    stop: Optional[Stop] = None
+    seed: Optional[Seed] = None
+    n: Optional[OneChoice] = None
     stream: Optional[bool] = None
+
+    @model_validator(mode="after")
+    def _beams_cannot_stream(self):
+        if (self.num_beams or 1) > 1 and self.stream:
+            raise ApiError(400, "num_beams: beam search cannot stream; use num_beams 1 or stream false",
+                           param="num_beams")
+        return self
 
 
 class NotebookItem(GenerationFields):
     text: Union[str, List[str]]
 
+    @property
+    def texts(self) -> List[str]:
+        return [self.text] if isinstance(self.text, str) else self.text
+
+
+class NotebookRequest(RootModel[List[NotebookItem]]):
+    @model_validator(mode="before")
+    @classmethod
+    def _a_list(cls, body):
+        if not isinstance(body, list):
+            raise ApiError(400, f"the body must be a JSON list like [{{\"text\": \"...\"}}], got {type(body).__name__}")
+        if not body:
+            raise ApiError(400, "the list is empty: send [{\"text\": \"<prompt>\"}]")
+        return body
+
+    @model_validator(mode="after")
+    def _prompt_count(self, info):
+        _count_prompts(sum(len(item.texts) for item in self.root), "text", info.context)
+        return self
+
 
 class CompletionRequest(GenerationFields):
     prompt: Union[str, List[str]]
+
+    @property
+    def prompts(self) -> List[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+    @model_validator(mode="after")
+    def _prompt_count(self, info):
+        _count_prompts(len(self.prompts), "prompt", info.context)
+        if self.stream and len(self.prompts) > 1:
+            raise ApiError(400, "stream: streaming takes one prompt, got a list", param="stream")
+        return self
 
 
 class TextPart(Strict):
@@ -128,36 +228,34 @@ class Message(Strict):
 
 
 class ChatRequest(GenerationFields):
-    messages: List[Message]
-    max_completion_tokens: Optional[int] = None  # the newer name of max_tokens
+    messages: bounded(List[Message], "a list of at least one message", min_length=1)
+    max_completion_tokens: Optional[MaxTokens] = None  # the newer name of max_tokens
 
-
-async def _parse(request: Request, schema):
-    """The request's JSON body validated against `schema` (a model, or a list of models)."""
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-    if isinstance(schema, list):
-        if not isinstance(body, list):
-            raise ApiError(400, f"the body must be a JSON list like [{{\"text\": \"...\"}}], got {type(body).__name__}")
-        try:
-            return [schema[0].model_validate(item) for item in body]
-        except ValidationError as e:
-            raise _invalid(e) from None
-    if not isinstance(body, dict):
-        raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}")
-    try:
-        return schema.model_validate(body)
-    except ValidationError as e:
-        raise _invalid(e) from None
+    @model_validator(mode="after")
+    def _max_tokens(self):
+        if self.max_tokens is None:
+            self.max_tokens = self.max_completion_tokens
+        return self
 
 
 def _usage(done: List[Completion]) -> dict:
     prompt = sum(c.prompt_tokens for c in done)
     completion = sum(c.completion_tokens for c in done)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def authorize(request: Request) -> None:
+    """The dependency of every route but /health: 401 unless the request has `Authorization: Bearer <token>`."""
+    endpoint = serve.get_replica_context().servable_object  # this replica's Endpoint (Ray gives it to routes as self)
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    given = hashlib.sha256(token.strip().encode()).hexdigest()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given, endpoint.token_sha256):
+        raise ApiError(401, "missing or wrong API token: send 'Authorization: Bearer <token>' (the token is in "
+                       "the file that endpoint.json names)", code="invalid_api_key")
+    endpoint.stats["requests"] += 1
+
+
+AUTHORIZED = [Depends(authorize)]
 
 
 # ----------------------------------------------------------------------------------------------------- deployment
@@ -195,37 +293,26 @@ class Endpoint:
     async def health(self):
         return {"status": "ok", "models": self.generator.models, **self.where, **self.stats}
 
-    @api.get("/v1/models")
-    async def list_models(self, request: Request):
-        self._authorize(request)
+    @api.get("/v1/models", dependencies=AUTHORIZED)
+    async def list_models(self):
         return {"object": "list", "data": [{"id": name, "object": "model", "created": self.created,
                                             "owned_by": "ftlib"} for name in self.generator.models]}
 
-    @api.post("/")
+    @api.post("/", dependencies=AUTHORIZED)
     async def notebook(self, request: Request):
-        self._authorize(request)
-        items = await _parse(request, [NotebookItem])
-        if not items:
-            raise ApiError(400, "the list is empty: send [{\"text\": \"<prompt>\"}]")
-        prompts = [(item, text) for item in items for text in ([item.text] if isinstance(item.text, str)
-                                                               else item.text)]
-        self._check_count(len(prompts), "text")
+        items = (await self._parse(request, NotebookRequest)).root
+        prompts = [(item, text) for item in items for text in item.texts]
         jobs = [self._job(item, self.generator.encode(text), "text") for item, text in prompts]
         done = await asyncio.gather(*(self.generate_batch(job) for job in jobs))
         return [{"responses": text + c.text} for (_, text), c in zip(prompts, done)]
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", dependencies=AUTHORIZED)
     async def completions(self, request: Request):
-        self._authorize(request)
-        body = await _parse(request, CompletionRequest)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        self._check_count(len(prompts), "prompt")
-        jobs = [self._job(body, self.generator.encode(p), "prompt") for p in prompts]
+        body = await self._parse(request, CompletionRequest)
+        jobs = [self._job(body, self.generator.encode(p), "prompt") for p in body.prompts]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": jobs[0].model}
         if body.stream:
-            if len(jobs) > 1:
-                raise ApiError(400, "stream: streaming takes one prompt, got a list", param="stream")
             return self._stream(jobs[0], lambda text, finish: {
                 **head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})
         done = await asyncio.gather(*(self.generate_batch(job) for job in jobs))
@@ -233,14 +320,9 @@ class Endpoint:
                    for i, c in enumerate(done)]
         return {**head, "choices": choices, "usage": _usage(done)}
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", dependencies=AUTHORIZED)
     async def chat_completions(self, request: Request):
-        self._authorize(request)
-        body = await _parse(request, ChatRequest)
-        if not body.messages:
-            raise ApiError(400, "messages: at least one message is needed", param="messages")
-        if body.max_tokens is None:
-            body.max_tokens = body.max_completion_tokens
+        body = await self._parse(request, ChatRequest)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         job = self._job(body, self.generator.encode_chat(messages), "messages")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
@@ -256,66 +338,41 @@ class Endpoint:
             "index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}]}
 
     # ------------------------------------------------------------------------------------------- helpers
-    def _authorize(self, request: Request) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = hashlib.sha256(token.strip().encode()).hexdigest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given, self.token_sha256):
-            raise ApiError(401, "missing or wrong API token: send 'Authorization: Bearer <token>' (the token is in "
-                           "the file that endpoint.json names)", code="invalid_api_key")
-        self.stats["requests"] += 1
-
-    def _check_count(self, n: int, param: str) -> None:
-        if n == 0:
-            raise ApiError(400, f"{param}: no prompt given", param=param)
-        if n > self.limits.max_prompts_per_request:
-            raise ApiError(400, f"{param}: {n} prompts in one request; the limit is "
-                           f"{self.limits.max_prompts_per_request} (serve.max_prompts_per_request)", param=param)
+    async def _parse(self, request: Request, schema):
+        """The request's JSON body validated against `schema`, within the recipe's limits."""
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        if not issubclass(schema, RootModel) and not isinstance(body, dict):
+            raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}")
+        try:
+            return schema.model_validate(body, context=self.limits)
+        except ValidationError as e:
+            raise _invalid(e) from None
 
     def _job(self, body: GenerationFields, prompt_ids: List[int], prompt_param: str) -> Job:
-        """A generation job from a request's fields, after checking each against the recipe's limits."""
-        lim = self.limits
-
-        def bad(param, why):
-            raise ApiError(400, f"{param}: {why}", param=param)
-
-        model = body.model or self.generator.models[0]
-        if model not in self.generator.models:
-            raise ApiError(404, f"model: {model!r} is not served here; the models are "
-                           f"{', '.join(self.generator.models)}", param="model", code="model_not_found")
-        if body.n not in (None, 1):
-            bad("n", f"only n=1 is supported, got {body.n}")
-        room = self.generator.context_length - len(prompt_ids)
+        """A generation job from a request's fields. The request models have checked them against the recipe's
+        limits; what is left needs the model: its names, and its context length against the prompt's tokens."""
+        gen = self.generator
+        model = body.model or gen.models[0]
+        if model not in gen.models:
+            raise ApiError(404, f"model: {model!r} is not served here; the models are {', '.join(gen.models)}",
+                           param="model", code="model_not_found")
+        room = gen.context_length - len(prompt_ids)
         if room <= 0:
             raise ApiError(400, f"{prompt_param}: the prompt has {len(prompt_ids)} tokens; this model's context is "
-                           f"{self.generator.context_length} tokens", param=prompt_param,
-                           code="context_length_exceeded")
-        max_tokens = body.max_tokens if body.max_tokens is not None else min(lim.default_max_new_tokens, room)
-        if not 1 <= max_tokens <= lim.max_new_tokens:
-            bad("max_tokens", f"must be between 1 and {lim.max_new_tokens} (serve.max_new_tokens), got {max_tokens}")
+                           f"{gen.context_length} tokens", param=prompt_param, code="context_length_exceeded")
+        max_tokens = body.max_tokens if body.max_tokens is not None else min(self.limits.default_max_new_tokens, room)
         if max_tokens > room:
             raise ApiError(400, f"max_tokens: the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) "
-                           f"exceed this model's context of {self.generator.context_length} tokens",
+                           f"exceed this model's context of {gen.context_length} tokens",
                            param="max_tokens", code="context_length_exceeded")
-        temperature = 1.0 if body.temperature is None else body.temperature
-        top_p = 1.0 if body.top_p is None else body.top_p
-        top_k = body.top_k or 0
-        num_beams = body.num_beams or 1
-        if not 0 <= temperature <= 2:
-            bad("temperature", f"must be between 0 and 2, got {temperature}")
-        if not 0 < top_p <= 1:
-            bad("top_p", f"must be in (0, 1], got {top_p}")
-        if top_k < 0:
-            bad("top_k", f"must be 0 (off) or positive, got {top_k}")
-        if not 1 <= num_beams <= lim.max_num_beams:
-            bad("num_beams", f"must be between 1 and {lim.max_num_beams} (serve.max_num_beams), got {num_beams}")
-        if num_beams > 1 and body.stream:
-            bad("num_beams", "beam search cannot stream; use num_beams 1 or stream false")
-        if body.seed is not None and not 0 <= body.seed < 2**63:
-            bad("seed", f"must be between 0 and 2**63-1, got {body.seed}")
+        sampling = Sampling(1.0 if body.temperature is None else body.temperature,
+                            1.0 if body.top_p is None else body.top_p, body.top_k or 0, body.num_beams or 1, body.seed)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > 4 or any(not s for s in stop):
-            bad("stop", f"up to 4 non-empty strings, got {stop!r}")
-        return Job(prompt_ids, model, max_tokens, Sampling(temperature, top_p, top_k, num_beams, body.seed), stop)
+        return Job(prompt_ids, model, max_tokens, sampling, stop)
 
     def _stream(self, job: Job, chunk, first_chunk=None) -> StreamingResponse:
         """Server-sent events: the text as it is generated, then the finish reason, then [DONE]. `chunk(text,
