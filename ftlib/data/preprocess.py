@@ -38,7 +38,7 @@ from ftlib import progress
 from ftlib.data import DataError
 from ftlib.data import formats
 from ftlib.data.sources import InvalidJSON, Part, list_files, location, read_part, shard_parts
-from ftlib.rundir import read_json, write_json
+from ftlib.rundir import publish_dir, read_json, write_json
 
 log = progress.logger("data")
 
@@ -204,9 +204,7 @@ def run_shard(recipe, index: int, num_shards: int) -> Path:
     if marker.exists():  # another run of this shard finished first: keep its output
         shutil.rmtree(tmp, ignore_errors=True)
         return final
-    if final.exists():  # left by a run killed between its rename and its marker
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    publish_dir(tmp, final)  # (replaces a folder left by a run killed between its rename and its marker)
     stats["seconds"] = round(time.time() - started, 3)
     write_json(marker, stats)
     log.info(f"{tag}: done in {stats['seconds']:.1f} s: {_summary(stats)}")
@@ -375,10 +373,15 @@ def shards_status(recipe) -> dict:
     out = output_dir(recipe)
     done = _done_markers(out)
     n = _complete_count(done, recipe.data.num_shards) or recipe.data.num_shards
+    complete = sorted(done.get(n, {}))
+    running = sorted({int(m.group(1)) for p in (out.glob(f"shard-*-of-{n:05d}.tmp-*") if out.is_dir() else [])
+                      for m in [re.match(r"shard-(\d+)-of-", p.name)] if m} - set(complete))
     return {
         "num_shards": n,
-        "complete": sorted(done.get(n, {})),
-        "missing": [i for i in range(n) if i not in done.get(n, {})],
+        "complete": complete,
+        "missing": [i for i in range(n) if i not in complete],
+        "in_progress": running,  # temporary folders: running now, or killed
+        "ready": len(complete) == n,
         "manifest": has_manifest(out, n),  # the stage's last step is done
     }
 
