@@ -21,6 +21,9 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+from ftlib.stopping import Stop, stop_on
 
 HOST = "127.0.0.1"
 
@@ -64,8 +67,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(runs_dir: str | os.PathLike, port: int | None = None, ready_timeout_s: float = 60.0) -> TensorBoard:
-    """Start TensorBoard over `runs_dir` on 127.0.0.1 and return once its HTTP server answers."""
+def start(runs_dir: str | os.PathLike, port: int | None = None, ready_timeout_s: float = 60.0,
+          stop: Optional[Stop] = None) -> Optional[TensorBoard]:
+    """Start TensorBoard over `runs_dir` on 127.0.0.1 and return once its HTTP server answers (None if `stop` is
+    set meanwhile: then it is stopped again)."""
     runs_dir = Path(runs_dir).resolve()
     if not runs_dir.is_dir():
         raise FileNotFoundError(f"runs directory not found: {runs_dir}")
@@ -77,6 +82,9 @@ def start(runs_dir: str | os.PathLike, port: int | None = None, ready_timeout_s:
     board = TensorBoard(subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL), port)
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            board.stop()
+            return None
         if board.process.poll() is not None:
             raise RuntimeError(f"TensorBoard exited with status {board.process.returncode} before answering on "
                                f"port {port} (its messages are above)")
@@ -105,26 +113,26 @@ def tunnel_command(port: int) -> str:
 def serve(runs_dir: str | os.PathLike = "runs") -> None:
     """Start TensorBoard, print how to open it, and block until Ctrl-C or SIGTERM; then stop it."""
     runs = sorted(p.parent.name for p in Path(runs_dir).glob("*/tensorboard"))
-    board = start(runs_dir)
-    # SIGTERM (scancel, kill) takes the same clean way out as Ctrl-C.
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    try:
-        print(f"\nTensorBoard over {Path(runs_dir).resolve()} ({len(runs)} runs: {', '.join(runs) or 'none yet'})")
-        print(f"  here:        {board.url}")
-        print(f"  from a laptop, run there:\n    {tunnel_command(board.port)}")
-        print(f"  then open    http://localhost:{board.port}/")
-        print("Ctrl-C stops it.", flush=True)
-        board.process.wait()
-        print(f"TensorBoard exited with status {board.process.returncode}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print("\nstopping TensorBoard ...", flush=True)
-    finally:
-        board.stop()
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
+    # Ctrl-C and SIGTERM (scancel, kill) take the same clean way out: a flag (ftlib.stopping), not an exception
+    # raised wherever this process happens to be.
+    with stop_on((signal.SIGINT, signal.SIGTERM)) as stop:
+        board = start(runs_dir, stop=stop)
+        if board is None:
+            return
+        try:
+            print(f"\nTensorBoard over {Path(runs_dir).resolve()} ({len(runs)} runs: {', '.join(runs) or 'none yet'})")
+            print(f"  here:        {board.url}")
+            print(f"  from a laptop, run there:\n    {tunnel_command(board.port)}")
+            print(f"  then open    http://localhost:{board.port}/")
+            print("Ctrl-C stops it.", flush=True)
+            while board.process.poll() is None and not stop.wait(0.5):
+                pass
+            if stop.is_set():
+                print("\nstopping TensorBoard ...", flush=True)
+            else:
+                print(f"TensorBoard exited with status {board.process.returncode}", file=sys.stderr)
+        finally:
+            board.stop()
 
 
 if __name__ == "__main__":

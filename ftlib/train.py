@@ -4,7 +4,7 @@
                                 # MASTER_PORT set by the launcher (or none of them: a single process)
 
 What one call does, top to bottom:
-  1. installs SIGUSR1/SIGUSR2/SIGTERM handlers that only raise a flag (restored before returning);
+  1. installs SIGUSR1/SIGUSR2/SIGTERM handlers that only raise a flag (ftlib.stopping; restored before returning);
   2. joins the torch.distributed group (ftlib.distributed: fails within train.rendezvous_timeout_s naming the ranks
      that never came, instead of hanging);
   3. writes the DeepSpeed JSON generated from the recipe (or a copy of deepspeed.config_file) to the run directory;
@@ -44,6 +44,7 @@ from ftlib.distributed import DistEnv, all_ranks_any, all_ranks_sum, backend, ba
 from ftlib.errors import UserError
 from ftlib.model import is_zero3, load_model, load_tokenizer
 from ftlib.rundir import RunDir, publish_dir, write_json
+from ftlib.stopping import Stop, stop_on
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 # Recipe optimizer -> TrainingArguments.optim ("adam_8bit", the notebook's bnb Adam8bit, is passed as a class).
@@ -65,7 +66,7 @@ def train(recipe) -> str:
             torch.distributed.destroy_process_group()
 
 
-def _train(recipe, env: DistEnv, run: RunDir, stop: "StopSignals") -> str:
+def _train(recipe, env: DistEnv, run: RunDir, stop: Stop) -> str:
     say = _printer(env)
     if run.training_done:
         say(f"already trained: {run.adapter} exists; nothing to do")
@@ -290,34 +291,19 @@ def save_adapter(trainer: Trainer, run: RunDir, env: DistEnv) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- signals
-class StopSignals:
+def StopSignals():  # noqa: N802 (the name callers know; it used to be a class)
     """While active, SIGUSR1 (Slurm's warning before the time limit), SIGUSR2 (preemption) and SIGTERM only set
-    `received`; the previous handlers come back on exit (the launcher's, e.g. submitit's requeue)."""
-
-    def __init__(self):
-        self.received: Optional[int] = None
-        self._previous = {}
-
-    def __enter__(self):
-        if _in_main_thread():
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
+    `received` (handlers in the main thread, see ftlib.stopping); the previous handlers come back on exit (the
+    launcher's, e.g. submitit's requeue). Handlers, not a blocked mask: the data loaders and compilers training
+    starts must still receive these signals."""
+    return stop_on(STOP_SIGNALS)
 
 
 class StopOnSignal(TrainerCallback):
     """At every optimizer-step boundary all ranks agree whether any of them got a stop signal; if so, all save a
     checkpoint of this step (skipping an evaluation that was due, to stay inside Slurm's grace time) and stop."""
 
-    def __init__(self, stop: StopSignals, say):
+    def __init__(self, stop: Stop, say):
         self.stop, self.say = stop, say
         self.stopped = False
         self.signal_name = ""
@@ -327,7 +313,7 @@ class StopOnSignal(TrainerCallback):
             return control  # the last step: training ends (with a checkpoint) and the adapter is written anyway
         if all_ranks_any(self.stop.received is not None, device=args.device):
             self.stopped = True
-            self.signal_name = signal.Signals(self.stop.received).name if self.stop.received else "another rank"
+            self.signal_name = self.stop.signal_name or "another rank"
             self.say(f"stop requested ({self.signal_name}): saving checkpoint-{state.global_step} on every rank")
             control.should_save = True
             control.should_evaluate = False
@@ -460,9 +446,3 @@ def _peak_memory_text() -> str:
 def _duration(seconds: float) -> str:
     seconds = int(seconds) if math.isfinite(seconds) else 0
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()

@@ -90,3 +90,37 @@ def test_a_node_that_never_joins_is_named(tmp_path):
     assert "these nodes never joined the Ray cluster: rank 1 (127.0.1.2)" in log.read_text()
     assert ray_processes(f"{job_id}-0") == []
     assert not (Path(recipe.run.dir) / "serve_head.json").exists()
+
+
+SIGNALS_UNDER_A_FOREIGN_HANDLER = r"""
+import os, signal, sys, threading, time
+from ftlib.stopping import stop_on
+
+def foreign(signum, frame):  # what ray.init installs: sys.exit (and an aborting C++ handler)
+    print("foreign handler ran", flush=True); os._exit(3)
+
+before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+with stop_on((signal.SIGTERM, signal.SIGUSR2), taken_by_thread=True) as stop:
+    signal.signal(signal.SIGTERM, foreign)  # installed while serving, as ray.init does
+    late = threading.Thread(target=lambda: time.sleep(0.5))  # a thread started later inherits the mask
+    late.start()
+    os.kill(os.getpid(), signal.SIGTERM)
+    print("stopped", stop.wait(5), stop.received == signal.SIGTERM, flush=True)
+    late.join()
+    os.kill(os.getpid(), signal.SIGUSR2)  # a second signal: taken as well, the first one stays the reason
+    time.sleep(0.6)
+    print("first", stop.signal_name, flush=True)
+print("mask restored", signal.pthread_sigmask(signal.SIG_BLOCK, []) == before, flush=True)
+print("their handler kept", signal.getsignal(signal.SIGTERM) is foreign, flush=True)
+print("ours removed", signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL, flush=True)
+"""
+
+
+def test_serving_takes_stop_signals_in_one_thread_even_under_a_handler_installed_later():
+    """ftlib.stopping as run_node uses it: the signals are blocked and taken by a thread, so a SIGTERM handler that
+    ray.init installs later never runs; afterwards the mask is as before and the later handler stays in place."""
+    out = subprocess.run([sys.executable, "-c", SIGNALS_UNDER_A_FOREIGN_HANDLER], capture_output=True, text=True,
+                         timeout=30, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.split("\n")[:-1] == ["stopped True True", "first SIGTERM", "mask restored True",
+                                           "their handler kept True", "ours removed True"], out.stdout + out.stderr

@@ -26,6 +26,7 @@ loopback only. Ray's temporary directory is /tmp/ftr-<job>-<rank>: Unix socket p
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import json
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ftlib.rundir import RunDir, read_json, write_atomic, write_json
+from ftlib.stopping import stop_on, unblock
 
 PORT_RANGE = (20000, 32000)  # Ray's own defaults use 6379, 8265, 10002-19999; Linux's ephemeral range starts at 32768
 BLOCK = 128
@@ -192,7 +194,7 @@ def ray_auth_env(token_file: Path) -> dict:
 
 def _as_own_process() -> None:
     """In the child before exec: take signals again (the mask is inherited), and get SIGTERM if we die."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    unblock(STOP_SIGNALS)
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
@@ -204,11 +206,17 @@ def run_node(recipe, node_rank: int, hostnames: List[str], job_id: str, stop: Op
     and SIGUSR2 stop it: call it from the main thread, before starting threads of your own (they would have to
     block these signals too); the signals behave as before once it returns."""
     job_id = re.sub(r"[^A-Za-z0-9_.-]", "_", str(job_id))[:40]
-    restore = None
-    if stop is None:
-        stop, restore = _stop_on_signals()
+    with contextlib.ExitStack() as signals:
+        if stop is None:
+            # Blocked and taken by a thread, not caught by handlers: ray.init installs SIGTERM handlers of its own
+            # (sys.exit, and a C++ crash reporter that aborts) that would kill us halfway through stopping.
+            stop = signals.enter_context(stop_on(STOP_SIGNALS, taken_by_thread=True))
+        _run(node_rank, HeadNode(recipe, hostnames, job_id) if node_rank == 0
+             else WorkerNode(recipe, node_rank, hostnames, job_id), stop, time_limit_s)
+
+
+def _run(node_rank: int, node, stop, time_limit_s: Optional[float]) -> None:
     deadline = time.monotonic() + time_limit_s if time_limit_s else None
-    node = HeadNode(recipe, hostnames, job_id) if node_rank == 0 else WorkerNode(recipe, node_rank, hostnames, job_id)
     try:
         node.start(stop)
         while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
@@ -220,34 +228,7 @@ def run_node(recipe, node_rank: int, hostnames: List[str], job_id: str, stop: Op
         log(f"node {node_rank}: stopping")
     finally:
         node.stop()
-        if restore:
-            restore()
         log(f"node {node_rank}: stopped")
-
-
-def _stop_on_signals():
-    """An event set by SIGTERM, SIGINT or SIGUSR2, and a function that undoes this.
-
-    The signals are blocked in every thread and taken by one thread with sigtimedwait, rather than caught by a
-    handler: ray.init installs its own SIGTERM handlers (Python's sys.exit and a C++ crash reporter that aborts
-    the process), which would otherwise kill this process halfway through its orderly shutdown."""
-    stop, done = threading.Event(), threading.Event()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # threads started later inherit the mask
-
-    def wait_for_signal():
-        while not done.is_set():
-            if signal.sigtimedwait(STOP_SIGNALS, 0.5) is not None:
-                stop.set()
-
-    waiter = threading.Thread(target=wait_for_signal, name="stop-signals", daemon=True)
-    waiter.start()
-
-    def restore():
-        done.set()
-        waiter.join()
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-    return stop, restore
 
 
 class HeadNode:
