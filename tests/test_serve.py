@@ -1,11 +1,14 @@
 """The HTTP endpoint, end to end: a real Ray Serve endpoint (start_local) on the tiny model with two LoRA adapters,
 real HTTP, the official `openai` client. One endpoint serves the whole module (Ray starts in ~30 s here)."""
+import http.client
 import json
 import os
 import signal
 import stat
 import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -244,6 +247,107 @@ def test_the_server_keeps_serving_after_bad_requests(endpoint, client):
         call(endpoint.url + path, None if raw else body, endpoint.token, raw=raw)
     assert greedy(client, "mine").text
     assert call(endpoint.url + "/health")[1]["status"] == "ok"
+
+
+# ----------------------------------------------------------------------------------------------------- hostile input
+# Requests that must cost the replica little and get a short 4xx: each is followed by a normal request.
+def send(url: str, path: str, raw: bytes, token: str, chunked: bool = False):
+    """(status, raw answer bytes, seconds) of a POST; `chunked` sends the body without a Content-Length."""
+    u = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    start = time.monotonic()
+    if chunked:
+        conn.request("POST", path, body=(raw[i:i + 65536] for i in range(0, len(raw), 65536)), headers=headers,
+                     encode_chunked=True)
+    else:
+        conn.request("POST", path, body=raw, headers=headers)
+    r = conn.getresponse()
+    answer = r.read()
+    conn.close()
+    return r.status, answer, time.monotonic() - start
+
+
+SHORT = 600  # bytes: an error answer never echoes more than a short excerpt of the request
+
+
+def assert_short_error(status, answer, want_status, param="any", words=""):
+    assert status == want_status, answer[:300]
+    assert len(answer) < SHORT, f"{len(answer)} bytes: {answer[:300]}"
+    error = json.loads(answer)["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert param == "any" or error["param"] == param, error
+    assert words in error["message"], error
+
+
+def still_serves(endpoint):
+    status, answer = call(endpoint.url + "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 4},
+                          endpoint.token)
+    assert status == 200 and answer["choices"][0]["text"], answer
+
+
+def big_prompt(n_bytes: int) -> str:
+    return "Once upon a time " * (n_bytes // 17)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_over_the_size_limit_gets_413(endpoint, chunked):
+    raw = json.dumps({"prompt": big_prompt(3 << 20), "max_tokens": 4}).encode()  # 3 MiB; the limit here is 1 MiB
+    status, answer, _ = send(endpoint.url, "/v1/completions", raw, endpoint.token, chunked=chunked)
+    assert_short_error(status, answer, 413, None, "limit of 1048576 bytes")  # 1 MiB: the floor (app.body_limit)
+    still_serves(endpoint)
+
+
+def test_health_answers_while_large_requests_are_tokenized(endpoint):
+    """Tokenizing runs off the event loop: /health keeps answering while ~1 MB prompts (under the body limit, over the
+    context: 400 once tokenized) are tokenized. On the event loop, /health waited for them (0.9 s here)."""
+    raw = json.dumps({"prompt": big_prompt(1_000_000)}).encode()
+    assert len(raw) < 1 << 20
+    alone = send(endpoint.url, "/v1/completions", raw, endpoint.token)
+    assert_short_error(alone[0], alone[1], 400, "prompt", "context")
+    assert alone[2] > 0.2, f"a large prompt took only {alone[2]:.2f} s: too quick to tell"
+    results, slowest, probes = [], 0.0, 0
+    threads = [threading.Thread(target=lambda: results.append(send(endpoint.url, "/v1/completions", raw,
+                                                                    endpoint.token)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        start = time.monotonic()
+        assert call(endpoint.url + "/health")[0] == 200
+        slowest, probes = max(slowest, time.monotonic() - start), probes + 1
+        time.sleep(0.02)
+    for status, answer, _ in results:
+        assert_short_error(status, answer, 400, "prompt", "context")
+    bound = max(0.1, alone[2] / 2)
+    assert slowest < bound, (f"/health took {slowest:.2f} s while large requests were tokenized (one takes "
+                             f"{alone[2]:.2f} s; {probes} probes)")
+    still_serves(endpoint)
+
+
+HOSTILE = [
+    # (what, path, raw body, status, param, words in the message)
+    ("100k nested lists", "/v1/completions", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None,
+     "nested"),
+    ("a lone surrogate in a prompt", "/v1/completions", b'{"prompt": "Once \\ud800 upon", "max_tokens": 4}', 400,
+     "prompt", "surrogate"),
+    ("a lone surrogate in a notebook text", "/", b'[{"text": "Once \\udfff upon"}]', 400, "text", "surrogate"),
+    ("a 5,000-digit max_tokens", "/v1/completions", b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", 400,
+     None, "digits"),
+    ("a long invalid stop list", "/v1/completions", json.dumps({"prompt": "hi", "stop": ["x" * 100_000] * 8}).encode(),
+     400, "stop", "up to 4"),
+    ("a long unknown model name", "/v1/completions", json.dumps({"prompt": "hi", "model": "m" * 500_000}).encode(),
+     404, "model", "not served"),
+    ("a long invalid role", "/v1/chat/completions",
+     json.dumps({"messages": [{"role": "r" * 500_000, "content": "hi"}]}).encode(), 400, "messages.0.role", "'user'"),
+]
+
+
+@pytest.mark.parametrize("what,path,raw,status,param,words", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_requests_get_a_short_4xx(endpoint, what, path, raw, status, param, words):
+    got, answer, _ = send(endpoint.url, path, raw, endpoint.token)
+    assert_short_error(got, answer, status, param, words)
+    still_serves(endpoint)
 
 
 @pytest.mark.timeout(120)

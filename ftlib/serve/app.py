@@ -14,7 +14,8 @@
 temperature, top_p, top_k, num_beams, stop, seed, the number of prompts), with the recipe's limits where it sets
 them; every bad request gets a 4xx answer in OpenAI's error format ({"error": {"message", "type", "param", "code"}})
 and the replica carries on. Every route but /health needs `Authorization: Bearer <token>` (401 otherwise: the
-`authorize` dependency).
+`authorize` dependency). A body over `body_limit` (1 MiB at least) gets 413 before it is read; error messages quote
+the request only in short excerpts; prompts are tokenized off the event loop, so /health answers meanwhile.
 
 Concurrent requests meet in `Endpoint.generate_batch` (`@serve.batch`): up to serve.max_batch_size prompts, waiting
 at most serve.batch_wait_timeout_s, go through one `Generator.generate` call (requests for different adapters
@@ -32,7 +33,8 @@ from typing import Annotated, List, Literal, Optional, Union
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, WrapValidator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, RootModel, ValidationError, WrapValidator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 import ray
 from ray import serve
@@ -44,11 +46,15 @@ api = FastAPI(title="ftlib endpoint", docs_url=None, redoc_url=None, openapi_url
 
 
 # ----------------------------------------------------------------------------------------------------- errors
+MAX_MESSAGE = 1000  # characters: a message quotes the request only in excerpts (_excerpt); this is the backstop
+
+
 class ApiError(Exception):
     """A request we refuse, answered in OpenAI's error format."""
 
     def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
                  kind: str = "invalid_request_error"):
+        message = _cut(message, MAX_MESSAGE)
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -62,9 +68,9 @@ async def _openai_error(request: Request, e: Exception) -> JSONResponse:
     """Every error answer, in OpenAI's format: our refusals, Starlette's (unknown path, wrong method), and any
     other exception as a 500."""
     if isinstance(e, HTTPException):
-        e = ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}")
+        e = ApiError(e.status_code, f"{request.method} {_cut(request.url.path)}: {e.detail}")
     elif not isinstance(e, ApiError):
-        e = ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+        e = ApiError(500, f"internal error: {type(e).__name__}: {_cut(str(e), 200)}", kind="server_error")
     return e.response()
 
 
@@ -79,7 +85,10 @@ _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxoth
 
 def _excerpt(value, limit: int = 80) -> str:
     """A request's value quoted in an error message: at most `limit` characters, however long or deep it is."""
-    text = _SHORT.repr(value)
+    return _cut(_SHORT.repr(value), limit)
+
+
+def _cut(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -90,10 +99,13 @@ def _invalid(e: ValidationError) -> ApiError:
         loc = err["loc"][1:] if err["loc"] and isinstance(err["loc"][0], int) else err["loc"]
         return ".".join(str(p) for p in loc if not (isinstance(p, str) and (p in TYPE_TAGS or "[" in p or "-" in p)))
 
+    def wrong_type(err):  # in a Union, also each alternative that the value's type is not
+        return err["type"].endswith("_type")
+
     errors = e.errors(include_url=False)
-    where = field(errors[0])
-    reasons = list(dict.fromkeys(err["msg"] for err in errors if field(err) == where))  # a Union: each alternative
-    err = errors[0]
+    err = next((err for err in errors if not wrong_type(err)), errors[0])  # the value's own fault, if there is one
+    where = field(err)
+    reasons = list(dict.fromkeys(x["msg"] for x in errors if field(x) == where and wrong_type(x) == wrong_type(err)))
     got = f", got {_excerpt(err['input'])}" if "input" in err and err["type"] != "missing" else ""
     return ApiError(400, f"{where or 'body'}: {', or '.join(reasons)}{got}", param=where or None)
 
@@ -128,6 +140,17 @@ def bounded(kind, why: str, at_most: Optional[str] = None, **field_bounds):
     return Annotated[(kind, *([Field(**field_bounds)] if field_bounds else []), WrapValidator(check))]
 
 
+def _unicode(text: str) -> str:
+    """Refuses a lone surrogate ("\\ud800", a valid JSON escape): it is no text, and no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PydanticCustomError("unicode", "must be valid Unicode: a lone surrogate ({char}) at character {at}",
+                                  {"char": f"\\u{ord(text[e.start]):04x}", "at": e.start}) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # every text a request carries
 MaxTokens = bounded(int, "between 1 and {max_new_tokens} (serve.max_new_tokens)", ge=1, at_most="max_new_tokens")
 NumBeams = bounded(int, "between 1 and {max_num_beams} (serve.max_num_beams)", ge=1, at_most="max_num_beams")
 Temperature = bounded(float, "between 0 and 2", ge=0, le=2)
@@ -135,7 +158,7 @@ TopP = bounded(float, "in (0, 1]", gt=0, le=1)
 TopK = bounded(int, "0 (off) or positive", ge=0)
 Seed = bounded(int, "between 0 and 2**63-1", ge=0, lt=2**63)
 OneChoice = bounded(int, "1 (only n=1 is supported)", ge=1, le=1)
-NonEmpty = Annotated[str, Field(min_length=1)]
+NonEmpty = Annotated[Text, Field(min_length=1)]
 Stop = bounded(Union[NonEmpty, Annotated[List[NonEmpty], Field(max_length=4)]], "up to 4 non-empty strings")
 
 
@@ -156,7 +179,7 @@ class Strict(BaseModel):
 
 
 class GenerationFields(Strict):
-    model: Optional[str] = None
+    model: Optional[Text] = None
     max_tokens: Optional[MaxTokens] = None
     temperature: Optional[Temperature] = None
     top_p: Optional[TopP] = None
@@ -176,7 +199,7 @@ class GenerationFields(Strict):
 
 
 class NotebookItem(GenerationFields):
-    text: Union[str, List[str]]
+    text: Union[Text, List[Text]]
 
     @property
     def texts(self) -> List[str]:
@@ -200,7 +223,7 @@ class NotebookRequest(RootModel[List[NotebookItem]]):
 
 
 class CompletionRequest(GenerationFields):
-    prompt: Union[str, List[str]]
+    prompt: Union[Text, List[Text]]
 
     @property
     def prompts(self) -> List[str]:
@@ -216,12 +239,12 @@ class CompletionRequest(GenerationFields):
 
 class TextPart(Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, List[TextPart]]
+    content: Union[Text, List[TextPart]]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -236,6 +259,54 @@ class ChatRequest(GenerationFields):
         if self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
         return self
+
+
+# ----------------------------------------------------------------------------------------------------- bodies
+# The largest request body a replica reads (body_limit); a bigger one gets 413 before it is parsed. A body's bulk is
+# its prompts, and a prompt longer than the model's context is refused (400) anyway once tokenized. A token is ~4
+# bytes of English and seldom over 16 bytes of JSON, \u escapes included, so every request that can succeed fits in
+# serve.max_prompts_per_request x context x 16 bytes; the 1 MiB floor leaves room for the JSON around the prompts and
+# for chat histories on small-context models. Without a limit, a 20 MB prompt held a replica's event loop 15-20 s
+# (tokenizing it), its memory peaked 1.8 GB higher and stayed ~330 MB higher, all for its certain 400.
+BODY_BYTES_PER_TOKEN = 16
+MIN_BODY_BYTES = 1 << 20
+MAX_DIGITS = 100  # in a JSON number: no field takes over 19 (seed < 2**63); Python's int() refuses over 4,300
+
+
+def body_limit(limits, context_length: int) -> int:
+    return max(MIN_BODY_BYTES, limits.max_prompts_per_request * context_length * BODY_BYTES_PER_TOKEN)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request's body, or 413 as soon as it is known to pass `limit` bytes: by its Content-Length before any of
+    it is read, or (chunked, no length) once the bytes read pass the limit."""
+    too_large = ApiError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and (len(length) > 18 or int(length) > limit):
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _int(digits: str) -> int:
+    if len(digits) > MAX_DIGITS:
+        raise ApiError(400, f"the request body has a number of {len(digits)} digits; numbers of up to {MAX_DIGITS} "
+                       f"digits are taken")
+    return int(digits)
+
+
+def _load_json(raw: bytes):
+    try:
+        return json.loads(raw, parse_int=_int)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {_cut(str(e), 200)}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
 
 
 def _usage(done: List[Completion]) -> dict:
@@ -267,6 +338,7 @@ class Endpoint:
     def __init__(self, recipe, token_sha256: str):
         self.generator = Generator(recipe)
         self.limits = recipe.serve
+        self.max_body_bytes = body_limit(recipe.serve, self.generator.context_length)
         self.token_sha256 = token_sha256  # the token itself never leaves the process that made it
         self.created = int(time.time())
         self.stats = {"requests": 0, "batches": 0, "batched_prompts": 0, "largest_batch": 0}
@@ -302,14 +374,16 @@ class Endpoint:
     async def notebook(self, request: Request):
         items = (await self._parse(request, NotebookRequest)).root
         prompts = [(item, text) for item in items for text in item.texts]
-        jobs = [self._job(item, self.generator.encode(text), "text") for item, text in prompts]
+        ids = await self._encode(self.generator.encode, [text for _, text in prompts])
+        jobs = [self._job(item, prompt_ids, "text") for (item, _), prompt_ids in zip(prompts, ids)]
         done = await asyncio.gather(*(self.generate_batch(job) for job in jobs))
         return [{"responses": text + c.text} for (_, text), c in zip(prompts, done)]
 
     @api.post("/v1/completions", dependencies=AUTHORIZED)
     async def completions(self, request: Request):
         body = await self._parse(request, CompletionRequest)
-        jobs = [self._job(body, self.generator.encode(p), "prompt") for p in body.prompts]
+        ids = await self._encode(self.generator.encode, body.prompts)
+        jobs = [self._job(body, prompt_ids, "prompt") for prompt_ids in ids]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": jobs[0].model}
         if body.stream:
@@ -324,7 +398,8 @@ class Endpoint:
     async def chat_completions(self, request: Request):
         body = await self._parse(request, ChatRequest)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        job = self._job(body, self.generator.encode_chat(messages), "messages")
+        [prompt_ids] = await self._encode(self.generator.encode_chat, [messages])
+        job = self._job(body, prompt_ids, "messages")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": job.model}
         if body.stream:
@@ -340,11 +415,7 @@ class Endpoint:
     # ------------------------------------------------------------------------------------------- helpers
     async def _parse(self, request: Request, schema):
         """The request's JSON body validated against `schema`, within the recipe's limits."""
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        body = _load_json(await _read_body(request, self.max_body_bytes))
         if not issubclass(schema, RootModel) and not isinstance(body, dict):
             raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}")
         try:
@@ -352,13 +423,19 @@ class Endpoint:
         except ValidationError as e:
             raise _invalid(e) from None
 
+    @staticmethod
+    async def _encode(encode, inputs: list) -> List[List[int]]:
+        """`encode` of each input, in a thread: a long prompt takes a while to tokenize (~0.5 s for 1 MB), and this
+        event loop must go on answering meanwhile (/health, the next requests, the streams)."""
+        return await asyncio.to_thread(lambda: [encode(x) for x in inputs])
+
     def _job(self, body: GenerationFields, prompt_ids: List[int], prompt_param: str) -> Job:
         """A generation job from a request's fields. The request models have checked them against the recipe's
         limits; what is left needs the model: its names, and its context length against the prompt's tokens."""
         gen = self.generator
         model = body.model or gen.models[0]
         if model not in gen.models:
-            raise ApiError(404, f"model: {model!r} is not served here; the models are {', '.join(gen.models)}",
+            raise ApiError(404, f"model: {_excerpt(model)} is not served here; the models are {', '.join(gen.models)}",
                            param="model", code="model_not_found")
         room = gen.context_length - len(prompt_ids)
         if room <= 0:
