@@ -20,6 +20,7 @@ class Stage:
     array: bool = False    # one array task per index (each run(recipe, index, count)); else one job run(recipe)
     ranks: bool = False    # the job's tasks are ranks of one program: tasks_per_node on every node; else one a node
     foreground: Optional[Callable] = None  # the local launcher runs this in the foreground instead (until Ctrl-C)
+    before: Optional[Callable] = None      # runs here, once, before the stage's jobs start (Slurm and local)
 
     def calls(self, recipe, todo: List[int]) -> List[tuple]:
         """The arguments of each job to submit."""
@@ -38,13 +39,18 @@ class Stage:
 
 
 def _missing_shards(recipe) -> List[int]:
+    from ftlib.data import DataError
     from ftlib.data.preprocess import shards_status
 
     status = shards_status(recipe)
-    if not status["missing"] and not status["manifest"]:
+    if status["missing"]:
+        return status["missing"]
+    if status["rejected"]:  # nothing to rerun: the data (or data.max_bad_fraction) must change
+        raise DataError(status["rejected"])
+    if not status["manifest"]:
         # Every shard is there but the last one died before writing the manifest: rerunning it only writes that.
         return [status["num_shards"] - 1]
-    return status["missing"]
+    return []
 
 
 def _train_todo(recipe) -> List[int]:
@@ -59,7 +65,7 @@ def _serve_foreground(recipe) -> None:
 
 STAGES: Dict[str, Stage] = {s.name: s for s in [
     Stage("preprocess", jobs.preprocess_shard, _missing_shards, array=True),
-    Stage("train", jobs.Train(), _train_todo, ranks=True),
+    Stage("train", jobs.Train(), _train_todo, ranks=True, before=jobs.prebuild_ops),
     Stage("serve", jobs.serve_node, lambda recipe: [0], foreground=_serve_foreground),
 ]}
 

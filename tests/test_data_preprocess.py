@@ -263,7 +263,8 @@ BAD_FILE = [
 
 def test_bad_rows_counted_located_and_thresholded(tmp_path, make_recipe, caplog):
     data = write_jsonl(tmp_path / "bad.jsonl", BAD_FILE)
-    # 5 malformed of 18 rows; more than the default 1%: the shard fails with a one-line message.
+    # 5 malformed of 18 rows; more than the default 1%: the (last) shard fails with a one-line message, and the
+    # data stage is not done.
     recipe = make_recipe(sources((data, "alpaca")))
     with pytest.raises(DataError) as e:
         preprocess.run_shard(recipe, 0, 1)
@@ -271,11 +272,13 @@ def test_bad_rows_counted_located_and_thresholded(tmp_path, make_recipe, caplog)
     assert "\n" not in message and message.startswith(str(data))
     assert "5 of 18 rows" in message and "max_bad_fraction=1.0%" in message
     assert f"invalid JSON: 1 (e.g. {data}:2" in message and f"missing field: 1 (e.g. {data}:3" in message
-    assert not preprocess.shards_status(recipe)["complete"]
+    assert not preprocess.shards_status(recipe)["ready"] and preprocess.shards_status(recipe)["rejected"] == message
+    with pytest.raises(DataError, match="5 of 18 rows"):
+        load_splits(recipe)
 
     # Allowed: it proceeds, says what it skipped, and the manifest has counts and exact file:line locations, also
     # for a shard that starts in the middle of the file.
-    recipe = make_recipe(sources((data, "alpaca")), "data.max_bad_fraction=0.6")  # checked per shard: 5 of 9
+    recipe = make_recipe(sources((data, "alpaca")), "data.max_bad_fraction=0.6")  # of the data set: 5 of 18
     with caplog.at_level("INFO", logger="ftlib.data"):
         run_all(recipe, 2)
         manifest = json.loads(preprocess.write_manifest(recipe).read_text())
@@ -294,6 +297,25 @@ def test_bad_rows_counted_located_and_thresholded(tmp_path, make_recipe, caplog)
     run_all(drop, 1)
     manifest = json.loads(preprocess.write_manifest(drop).read_text())
     assert manifest["rows_skipped"]["too_long"] == manifest["rows_read"] - manifest["rows_written"] - 5 >= 1
+
+
+@pytest.mark.parametrize("limit,passes", [(0.3, True), (0.2, False)])
+def test_the_bad_row_limit_applies_to_the_whole_data_set_whatever_the_shard_count(tmp_path, make_recipe, limit,
+                                                                                  passes):
+    """5 of 18 rows are malformed (28%), all in the first half of the file: as 4 shards, the first shard alone
+    is 80% malformed. The limit judges the data set, so 1 shard and 4 shards give the same answer."""
+    data = write_jsonl(tmp_path / "bad.jsonl", BAD_FILE)
+    for n in (1, 4):
+        recipe = make_recipe(sources((data, "alpaca")), f"data.max_bad_fraction={limit}", f"data.num_shards={n}",
+                             f"data.cache_dir={tmp_path / f'cache-{n}'}", "data.eval_fraction=0")
+        if passes:
+            run_all(recipe, n)
+            train, _ = load_splits(recipe)
+            assert len(train) == 12, n
+        else:
+            with pytest.raises(DataError, match=rf"5 of 18 rows \(27.8%\) in the data set \({n} shards?\)"):
+                run_all(recipe, n)
+            assert preprocess.shards_status(recipe)["rejected"], n
 
 
 def test_sources_that_cannot_be_read(tmp_path, make_recipe):

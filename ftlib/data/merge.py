@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from ftlib.data import DataError
-from ftlib.data.preprocess import complete_shards, has_manifest
+from ftlib.data.preprocess import complete_shards, has_manifest, rows_rejected
 from ftlib.rundir import read_json
 
 
@@ -35,6 +35,9 @@ def load_splits(recipe):
     if not has_manifest(dirs[0].parent, len(dirs)):  # written by the last shard of the data stage
         raise DataError(f"{dirs[0].parent}: every shard is done but manifest.json is missing (the last shard was "
                         f"stopped before writing it); run the preprocess stage again, it writes only the manifest")
+    rejected = rows_rejected(recipe, dirs[0].parent)
+    if rejected:
+        raise DataError(rejected)
     parts = []
     for d in dirs:
         shard = datasets.load_from_disk(str(d))

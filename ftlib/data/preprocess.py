@@ -183,7 +183,6 @@ def run_shard(recipe, index: int, num_shards: int) -> Path:
     for part in parts:
         shard.read(part)
     stats = shard.finish(index, num_shards, time.time() - started)
-    _check_bad_fraction(stats, recipe.data.max_bad_fraction, tag)
 
     import datasets
     from datasets.table import InMemoryTable
@@ -213,10 +212,24 @@ def run_shard(recipe, index: int, num_shards: int) -> Path:
 
 
 def _manifest_if_last(recipe, out: Path, num_shards: int) -> None:
-    """The shard that completes the set writes the manifest. Two shards finishing at once may both write it: the
-    same content, written atomically."""
-    if len(_done_markers(out).get(num_shards, {})) == num_shards and not has_manifest(out, num_shards):
-        write_manifest(recipe)
+    """The shard that completes the set writes the manifest and checks the data set's share of malformed rows
+    (DataError: this task fails, and what depends on the data stage does not start). Two shards finishing at once
+    may both write it: the same content, written atomically."""
+    if len(_done_markers(out).get(num_shards, {})) == num_shards:
+        if not has_manifest(out, num_shards):
+            write_manifest(recipe)
+        rejected = rows_rejected(recipe, out)
+        if rejected:
+            raise DataError(rejected)
+
+
+def rows_rejected(recipe, out: Path) -> Optional[str]:
+    """Why the data set in `out` cannot be trained on under the recipe's data.max_bad_fraction, from its manifest
+    (so raising the limit needs no new tokenization: the limit is not part of the fingerprint)."""
+    manifest = read_json(out / "manifest.json", {})
+    n = manifest.get("num_shards", 0)
+    return bad_rows_error(manifest, recipe.data.max_bad_fraction, f"the data set ({n} shard{'s' * (n != 1)})") \
+        if manifest else None
 
 
 def has_manifest(out: Path, num_shards: int) -> bool:
@@ -341,17 +354,20 @@ class _Shard:
         }
 
 
-def _check_bad_fraction(stats: dict, limit: float, where: str) -> None:
+def bad_rows_error(stats: dict, limit: float, where: str) -> Optional[str]:
+    """The one-line reason to refuse these rows (a shard's statistics or the manifest), None if at most `limit` of
+    them are malformed. The data stage applies it to the whole data set: per shard, the same rows could pass as
+    one shard and fail as four."""
     malformed = sum(stats["rows_skipped"][r] for r in formats.MALFORMED)
     read = stats["rows_read"]
     if not read or malformed / read <= limit:
-        return
+        return None
     worst = max(stats["malformed_by_file"].items(), key=lambda kv: kv[1])[0]
     reasons = sorted(formats.MALFORMED, key=lambda r: -stats["rows_skipped"][r])
     details = "; ".join(f"{formats.REASONS[r]}: {stats['rows_skipped'][r]:,} (e.g. "
                         f"{', '.join(stats['skipped_examples'][r][:3])})" for r in reasons if stats["rows_skipped"][r])
-    raise DataError(f"{worst}: {malformed:,} of {read:,} rows ({malformed / read:.1%}) in {where} are malformed, "
-                    f"more than data.max_bad_fraction={limit:.1%}; {details}")
+    return (f"{worst}: {malformed:,} of {read:,} rows ({malformed / read:.1%}) in {where} are malformed, "
+            f"more than data.max_bad_fraction={limit:.1%}; {details}")
 
 
 def _summary(stats: dict) -> str:
@@ -376,13 +392,16 @@ def shards_status(recipe) -> dict:
     complete = sorted(done.get(n, {}))
     running = sorted({int(m.group(1)) for p in (out.glob(f"shard-*-of-{n:05d}.tmp-*") if out.is_dir() else [])
                       for m in [re.match(r"shard-(\d+)-of-", p.name)] if m} - set(complete))
+    manifest = has_manifest(out, n)
+    rejected = rows_rejected(recipe, out) if manifest else None
     return {
         "num_shards": n,
         "complete": complete,
         "missing": [i for i in range(n) if i not in complete],
         "in_progress": running,  # temporary folders: running now, or killed
-        "ready": len(complete) == n,
-        "manifest": has_manifest(out, n),  # the stage's last step is done
+        "manifest": manifest,  # the stage's last step is done
+        "rejected": rejected,  # too many malformed rows: why
+        "ready": len(complete) == n and manifest and not rejected,  # the training can read it
     }
 
 
@@ -412,6 +431,9 @@ def write_manifest(recipe) -> Path:
     for s in shards:
         for r, kept in s["skipped_examples"].items():
             examples.setdefault(r, []).extend(kept[: EXAMPLES_KEPT - len(examples.get(r, []))])
+    by_file: Counter = Counter()
+    for s in shards:
+        by_file.update(s["malformed_by_file"])
     lengths: Counter = Counter()
     for s in shards:
         lengths.update({int(k): v for k, v in s["length_counts"].items()})
@@ -426,6 +448,7 @@ def write_manifest(recipe) -> Path:
         "rows_skipped": skipped,
         "skipped_examples": examples,
         "malformed_fraction": malformed / rows_read if rows_read else 0.0,
+        "malformed_by_file": dict(by_file),
         "max_bad_fraction": d.max_bad_fraction,
         "truncated": sum(s["truncated"] for s in shards),
         "tokens": sum(s["tokens"] for s in shards),
