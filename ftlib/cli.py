@@ -152,8 +152,10 @@ def cmd_report(args):
 
 def cmd_eval(args):
     from ftlib.evaluate import evaluate
+    from ftlib.rundir import use_private_files
 
     recipe = _load(args.run, args.overrides)
+    use_private_files(recipe)
     results = evaluate(recipe, data=args.data)
     for name in ("base", "adapter"):
         r = results.get(name) or {}
@@ -164,8 +166,11 @@ def cmd_eval(args):
 
 def cmd_export(args):
     from ftlib.export import export
+    from ftlib.rundir import use_private_files
 
-    print(export(_load(args.run, args.overrides)))
+    recipe = _load(args.run, args.overrides)
+    use_private_files(recipe)
+    print(export(recipe))
 
 
 def cmd_tensorboard(args):

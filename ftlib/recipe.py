@@ -367,6 +367,10 @@ class Recipe:
                                      "in local runs.")
     slurm: SlurmConfig = opt(SlurmConfig(), "Site settings per stage: only the Slurm launcher reads these.")
 
+    # Not part of the schema: the values load() took from the environment through ${oc.env:NAME} (a token, say),
+    # which redact() keeps out of the saved recipe and the dry run.
+    env_values = {}
+
     # Derived values used by several stages (one place computes them).
     @property
     def world_size(self) -> int:
@@ -398,7 +402,27 @@ def load(path: str | os.PathLike, overrides: List[str] = ()) -> Recipe:
     _resolve_paths(recipe)
     _check_files(recipe, top)
     _check(recipe, top)
+    recipe.env_values = _env_values(cfg)
     return recipe
+
+
+ENV_REFERENCE = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _env_values(cfg: DictConfig) -> Dict[str, str]:
+    """{NAME: value} of every environment variable the recipe's files interpolate with ${oc.env:NAME}."""
+    names = set(ENV_REFERENCE.findall(OmegaConf.to_yaml(cfg)))  # unresolved: the interpolations as written
+    return {name: os.environ[name] for name in sorted(names) if os.environ.get(name)}
+
+
+def redact(text: str, recipe: Recipe) -> str:
+    """`text` with each value the recipe took from the environment written back as ${oc.env:NAME}, so that a
+    secret passed that way appears in no file or output of ours; loading the text again resolves it again.
+    Values under 4 characters are left alone (they would match everywhere and are no secret)."""
+    for name, value in sorted(recipe.env_values.items(), key=lambda kv: -len(kv[1])):
+        if len(value) >= 4:
+            text = text.replace(value, "${oc.env:" + name + "}")
+    return text
 
 
 def _layers(path: Path, seen: tuple = ()) -> List[tuple]:
@@ -577,7 +601,7 @@ def _check(r: Recipe, top: str) -> None:
 
 # ----------------------------------------------------------------------------------------------------- saving
 def to_yaml(recipe: Recipe) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+    return redact(OmegaConf.to_yaml(OmegaConf.structured(recipe)), recipe)
 
 
 def save(recipe: Recipe, path: str | os.PathLike) -> None:

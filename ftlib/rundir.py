@@ -27,6 +27,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from ftlib.errors import UserError
+
 
 class RunDir:
     def __init__(self, root: str | os.PathLike):
@@ -67,16 +69,48 @@ class RunDir:
 
 
 def write_atomic(path: str | os.PathLike, text: str, mode: int | None = None) -> None:
-    """Write a file under a temporary name, then rename: readers see the old file or the whole new one."""
+    """Write a file under a temporary name, then rename: readers see the old file or the whole new one. Its mode
+    is `mode`, or what the process's umask allows (private by default, see use_private_files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # unique across nodes
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if mode is None else mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600 if mode is not None else 0o666)
     with os.fdopen(fd, "w") as f:
+        if mode is not None:
+            os.fchmod(f.fileno(), mode)
         f.write(text)
-    if mode is None:
-        os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------- who may read
+PRIVATE_UMASK, GROUP_UMASK = 0o077, 0o027
+
+
+def use_private_files(recipe) -> None:
+    """From now on, what this process (and every job it submits or starts: Slurm and child processes inherit the
+    umask) creates is private to the user: folders 0700, files 0600. With run.group, the run directory and the data
+    cache are shared read-only with that Unix group instead: umask 027, and both folders get the group and the
+    set-group-id bit, so what is created inside them inherits the group.
+
+    Checkpoints hold the adapter's weights and the tokenized cache holds the training data: on a shared cluster
+    neither may be readable by other users unless the recipe says so."""
+    group = getattr(recipe.run, "group", None)
+    os.umask(GROUP_UMASK if group else PRIVATE_UMASK)
+    for folder in (Path(recipe.run.dir), Path(recipe.data.cache_dir)):
+        folder.mkdir(parents=True, exist_ok=True)
+        if folder.stat().st_uid != os.getuid():
+            continue  # a shared cache someone else set up: its owner decides who reads it
+        if group:
+            import grp
+
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise UserError(f"run.group: no Unix group named {group!r} on {socket.gethostname()}") from None
+            os.chown(folder, -1, gid)
+            folder.chmod(0o2750)
+        else:
+            folder.chmod(0o700)
 
 
 def publish_dir(partial: str | os.PathLike, final: str | os.PathLike) -> Path:

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import submitit
+from submitit.core.utils import JobPaths
 
 from ftlib.errors import UserError
+from ftlib.recipe import redact
 from ftlib.rundir import RunDir, write_atomic
 from launcher import records
 from launcher.sbatch import render_sbatch, slurm_parameters
@@ -68,13 +70,15 @@ class Slurm:
 
     def run(self, run: RunDir, stage: Stage, recipe, todo: List[int], after: Optional[Submitted]) -> Submitted:
         dependency = f"afterok:{after.job_id}" if after else None
+        if stage.before:
+            stage.before(recipe)
         ex = submitit.SlurmExecutor(folder=run.stage_logs(stage.name), max_num_timeout=3)
         ex.update_parameters(**slurm_parameters(recipe, stage, dependency))
         sub = _submit(ex, stage, recipe, todo)
         # Keep the script submitit generated (<folder>/<job id>_submission.sh) beside the run's other scripts.
-        script = submitit.JobPaths(sub.folder, job_id=sub.jobs[0].job_id).submission_file
+        script = JobPaths(sub.folder, job_id=sub.jobs[0].job_id).submission_file
         if script.is_file():
-            write_atomic(run.sbatch / f"{stage.name}.sbatch", script.read_text())
+            write_atomic(run.sbatch / f"{stage.name}.sbatch", redact(script.read_text(), recipe))
         _record(run, self.name, sub)
         print(f"[{stage.name}] submitted job {sub.job_id}" + (f" ({len(sub.tasks)} array tasks)" if sub.tasks else "")
               + (f", after {after.job_id}" if after else ""))
@@ -88,7 +92,8 @@ class Local:
     def prepare(self, run: RunDir) -> None:
         pass
 
-    def run(self, run: RunDir, stage: Stage, recipe, todo: List[int], after: Optional[Submitted]) -> Optional[Submitted]:
+    def run(self, run: RunDir, stage: Stage, recipe, todo: List[int],
+            after: Optional[Submitted]) -> Optional[Submitted]:
         if stage.foreground:
             stage.foreground(recipe)
             return None
@@ -101,6 +106,8 @@ class Local:
         else:
             print(f"[{stage.name}] {processes} process(es)" + (f", world size {processes}" if stage.ranks else ""))
         started = time.time()
+        if stage.before:
+            stage.before(recipe)
         sub = _submit(ex, stage, recipe, todo)
         _record(run, self.name, sub)
         _wait(sub, follow=stage.ranks)
@@ -121,7 +128,7 @@ class DryRun:
     def run(self, run: RunDir, stage: Stage, recipe, todo: List[int], after: Optional[Submitted]) -> Submitted:
         dependency = f"afterok:<{after.stage}>" if after else None
         path = run.sbatch / f"{stage.name}.sbatch"
-        write_atomic(path, render_sbatch(recipe, stage, dependency, len(todo) if stage.array else None))
+        write_atomic(path, redact(render_sbatch(recipe, stage, dependency, len(todo) if stage.array else None), recipe))
         self.written.append(path)
         return Submitted(stage.name, f"<{stage.name}>", str(run.stage_logs(stage.name)),
                          tasks=list(todo) if stage.array else [])

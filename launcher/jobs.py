@@ -21,16 +21,21 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import submitit
+
+from ftlib.rundir import use_private_files
 
 
 def preprocess_shard(recipe, index: int, num_shards: int) -> str:
     """One task of the preprocessing array: tokenize shard `index` of `num_shards`."""
     from ftlib.data.preprocess import run_shard
 
+    use_private_files(recipe)
     return str(run_shard(recipe, index, num_shards))
 
 
@@ -41,6 +46,7 @@ class Train(submitit.helpers.Checkpointable):
     `ftlib.train.train` again, which resumes from the latest complete checkpoint by itself."""
 
     def __call__(self, recipe) -> str:
+        use_private_files(recipe)
         use_gpus = recipe.resources.train.gpus_per_node > 0
         if not use_gpus:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -69,6 +75,7 @@ def serve_node(recipe) -> str:
     Blocks until the time limit, `make cancel`, or Ctrl-C."""
     from ftlib.serve.cluster import run_node
 
+    use_private_files(recipe)
     env = submitit.JobEnvironment()
     job_id = str(env.job_id)
     restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
@@ -76,3 +83,23 @@ def serve_node(recipe) -> str:
         job_id += f"-r{restarts}"
     run_node(recipe, node_rank=env.node, hostnames=env.hostnames, job_id=job_id)
     return "stopped"
+
+
+def prebuild_ops(recipe) -> None:
+    """Build the C++ op DeepSpeed JIT-compiles at its first use on CPU (`deepspeed_shm_comm`, ~25 s, cached per user
+    in ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR) once, here, before the training is submitted. Inside the
+    job every rank would compile it at the same time and within the job's memory limit, where the compiler can be
+    OOM-killed. GPU runs use no JIT-compiled op (the optimizers are torch's or bitsandbytes')."""
+    if recipe.resources.train.gpus_per_node > 0 or not recipe.deepspeed.enabled:
+        return
+    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    if any(cache.glob("*/deepspeed_shm_comm/deepspeed_shm_comm*.so")):
+        return
+    print("[train] building DeepSpeed's deepspeed_shm_comm op once, outside the job (~30 s) ...", flush=True)
+    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DS_ACCELERATOR": "cpu"},
+                          capture_output=True, text=True, timeout=900)
+    if done.returncode != 0 or not any(cache.glob("*/deepspeed_shm_comm/deepspeed_shm_comm*.so")):
+        # Not fatal: DeepSpeed then builds it inside the job, as it would without this step.
+        tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        print(f"[train] warning: could not prebuild deepspeed_shm_comm ({tail}); the job will build it", flush=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import List, Sequence, Union
 
 from ftlib import recipe as recipe_mod
-from ftlib.rundir import RunDir, read_json
+from ftlib.rundir import RunDir, read_json, use_private_files
 from launcher import records
 from launcher.executors import DryRun, LaunchError, Local, Slurm, Submitted
 from launcher.stages import STAGES, Stage
@@ -61,8 +61,9 @@ def dry_run(recipe, stages: StageList) -> List[Path]:
 
 
 def save_recipe(recipe) -> RunDir:
+    """The run directory, private (or shared with run.group) like all this process and its jobs write from here."""
+    use_private_files(recipe)
     run = RunDir.of(recipe)
-    run.root.mkdir(parents=True, exist_ok=True)
     recipe_mod.save(recipe, run.recipe)
     return run
 

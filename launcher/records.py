@@ -126,6 +126,21 @@ def pending_reasons(job_ids: List[str]) -> Dict[str, str]:
     return reasons
 
 
+NODE_DOWN = ("down", "drained", "draining", "fail", "failing", "not_responding", "unknown")
+
+
+def node_states(nodelist: str) -> List[tuple]:
+    """[(node, state, reason)] of the nodes in a Slurm node list, from sinfo; [] when sinfo is unavailable."""
+    if not nodelist or not shutil.which("sinfo"):
+        return []
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-n", nodelist, "-o", "%N|%T|%E"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [tuple((line.split("|") + ["", ""])[:3]) for line in out.stdout.splitlines() if line]
+
+
 def cancel(job_ids: List[str]) -> None:
     if job_ids:
         subprocess.run(["scancel", *job_ids], check=False)

@@ -23,6 +23,9 @@ def slurm_parameters(recipe, stage: Stage | str, dependency: Optional[str] = Non
         "cpus_per_task": r.cpus_per_task,
         "array_parallelism": r.array_parallelism,
         "setup": list(site.setup),
+        # One task dying (OOM, a signal, an exception) ends the whole step at once, rather than leaving the
+        # others blocked in a collective until the time limit; `make status` then names the task that died first.
+        "srun_args": ["--kill-on-bad-exit=1"],
     }
     optional = {"partition": site.partition, "account": site.account, "qos": site.qos, "constraint": site.constraint,
                 "mem": f"{int(r.mem_gb * 1024)}M" if r.mem_gb else None,

@@ -5,6 +5,7 @@ from any login node, for runs submitted by anyone with access to the folder.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -63,10 +64,43 @@ def status(run: RunDir) -> str:
             continue
         else:
             task, what = 0, f"job {r['JobID']}"
+            died = first_dead_task(log_path(run, r["stage"], 0, err=True, job_id=r["JobID"]))
+            if died:  # the task whose end took the others down (srun --kill-on-bad-exit)
+                task = died["task"]
+                what += f" (rank {task} on {died['node']} died first: {died['cause']})"
+            if r["State"].startswith("NODE_FAIL"):
+                what += f" (node failure; nodes of the job: {r['NodeList']}{down_nodes(r['NodeList'])})"
         log = log_path(run, r["stage"], task, err=True, job_id=r["JobID"])
         out.append(f"\n{r['stage']}: {what} {r['State']}, exit {r['ExitCode']}; last lines of {log}:")
         out.append(tail(log))
     return "\n".join(out)
+
+
+# srun's own lines about its tasks, in the batch script's stderr (submitit's <job>_0_log.err, shared with task 0):
+#   srun: error: node2: task 1: Out Of Memory       srun: error: node1: task 0: Killed
+#   srun: error: node2: task 1: Exited with exit code 3
+SRUN_TASK_END = re.compile(r"srun: error: (?P<node>[^:\s]+): tasks? (?P<task>\d+)[^:]*: (?P<cause>.+)")
+FOLLOWERS = ("Killed", "Terminated")  # what --kill-on-bad-exit does to the other tasks
+
+
+def first_dead_task(batch_log: Path) -> Optional[Dict]:
+    """The task that ended first with an error, from srun's lines in the batch log: {task, node, cause}."""
+    try:
+        lines = batch_log.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return None
+    ends = [m.groupdict() for m in map(SRUN_TASK_END.search, lines) if m]
+    if not ends:
+        return None
+    first = next((e for e in ends if e["cause"].strip() not in FOLLOWERS), ends[0])
+    return {"task": int(first["task"]), "node": first["node"], "cause": first["cause"].strip()}
+
+
+def down_nodes(nodelist: str) -> str:
+    """'; down now: node2 (Not responding)' for the job's nodes that Slurm has marked down, else ''."""
+    rows = records.node_states(nodelist)
+    down = [f"{n} ({why or state})" for n, state, why in rows if state.rstrip("*").lower() in records.NODE_DOWN]
+    return f"; down now: {', '.join(down)}" if down else ""
 
 
 def cancel(run: RunDir) -> List[str]:
