@@ -1,4 +1,4 @@
-# Real two-node Slurm cluster on this machine, for tests and CI (needs root).
+# Real two-node Slurm cluster on this machine, for tests and CI (needs root; make test then runs as ftl-alice).
 # Included by the top-level Makefile. See tests/cluster/README.md.
 #   make cluster-up                  start it (idempotent; fast no-op when healthy)
 #   make cluster-down                stop it, keep state and accounting

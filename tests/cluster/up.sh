@@ -9,17 +9,34 @@
 # configs are also installed in /etc/slurm because that is where the Debian
 # build of Slurm (and every client: sbatch, srun, sacct, submitit) looks.
 #
+# The suite submits as unprivileged users, never as root: up.sh also creates the
+# local users ftl-alice (runs the suite and the product) and ftl-bob (a second
+# tenant), both in the Slurm account ftl, and lets ftl-alice run commands as
+# ftl-bob through sudo without a password (tests act as the other tenant).
+#
+#   up.sh            bring it up (root)
+#   up.sh --check    exit 0 if it is up and healthy, else say what is wrong (any user)
+#
 # Env: FTLIB_SLURM_DIR (default /tmp/ftlib-slurm), FTLIB_SLURM_TIMEOUT (seconds
-# per start-up stage, default 60), FTLIB_SLURM_PROCTRACK=auto|cgroup|linuxproc.
+# per start-up stage, default 60), FTLIB_SLURM_PROCTRACK=auto|cgroup|linuxproc,
+# FTLIB_SLURM_ENFORCE (e.g. associations,limits,qos: AccountingStorageEnforce, as a
+# strict site has it; default none).
 set -euo pipefail
 
 DIR=$(realpath -m "${FTLIB_SLURM_DIR:-/tmp/ftlib-slurm}")
 TIMEOUT=${FTLIB_SLURM_TIMEOUT:-60}
 PROCTRACK=${FTLIB_SLURM_PROCTRACK:-auto}
+ENFORCE=${FTLIB_SLURM_ENFORCE:-}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
-PKGS=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
+# sudo: tests act as the second tenant; acl: make test grants the test user write access in the checkout.
+PKGS=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server sudo acl)
 CLUSTER=ftlib
+# Test tenants: the first runs the suite (make test switches to it), the second is another user of the cluster.
+TEST_USER=ftl-alice
+OTHER_USER=ftl-bob
+TEST_ACCOUNT=ftl
+SUDOERS=/etc/sudoers.d/ftlib-tests
 NODES=(node1 node2)
 declare -A NODE_ADDR=([node1]=127.0.1.1 [node2]=127.0.1.2)
 declare -A NODE_PORT=([node1]=17001 [node2]=17002)
@@ -198,6 +215,8 @@ SlurmdParameters=config_overrides
 # to the host name's address, not its NodeAddr. All addresses used are 127.x.
 MailProg=/bin/true
 EOF
+    # Only when asked, so the default config stays byte for byte what it was (a change restarts the cluster).
+    [[ -z $ENFORCE ]] || echo "AccountingStorageEnforce=$ENFORCE" >>"$DIR/etc/slurm.conf"
     for node in "${NODES[@]}"; do
         echo "NodeName=$node NodeHostname=localhost NodeAddr=${NODE_ADDR[$node]} Port=${NODE_PORT[$node]} CPUs=$NODE_CPUS RealMemory=$NODE_MEM State=UNKNOWN"
     done >>"$DIR/etc/slurm.conf"
@@ -278,6 +297,48 @@ make_dirs() {
         touch "$DIR/log/$f.log" && chown slurm:slurm "$DIR/log/$f.log"
     done
     touch "$DIR/log/munged.log" && chown munge:munge "$DIR/log/munged.log" && chmod 640 "$DIR/log/munged.log"
+}
+
+# ---------------------------------------------------------------- test users
+# Local users with private homes (their caches: torch extensions, Hugging Face, pip).
+ensure_users() {
+    local u home
+    for u in "$TEST_USER" "$OTHER_USER"; do
+        if ! getent passwd "$u" >/dev/null; then
+            log "creating user $u"
+            useradd --create-home --user-group --shell /bin/bash --comment "ftlib test tenant" "$u"
+        fi
+        home=$(getent passwd "$u" | cut -d: -f6)
+        [[ -d $home ]] || install -d -o "$u" -g "$(id -gn "$u")" "$home"
+        chmod 700 "$home"  # tenants do not read each other's files
+    done
+    # The test user may act as the other tenant, and only as it.
+    local rule="$TEST_USER ALL=($OTHER_USER) NOPASSWD: ALL" tmp
+    if [[ $(cat "$SUDOERS" 2>/dev/null) != "$MARK"$'\n'"$rule" ]]; then
+        mkdir -p "$(dirname "$SUDOERS")"
+        tmp=$(mktemp)
+        printf '%s\n%s\n' "$MARK" "$rule" >"$tmp"
+        visudo -cqf "$tmp" || { rm -f "$tmp"; die "sudoers rule rejected by visudo: $rule"; }
+        install -m 440 -o root -g root "$tmp" "$SUDOERS" && rm -f "$tmp"
+        log "sudoers: $SUDOERS: $rule"
+    fi
+}
+
+# Both users in one account of the cluster, with it as their default account, so jobs
+# are also accepted under AccountingStorageEnforce=associations(,limits,qos).
+ensure_accounts() {
+    local assocs u
+    assocs=$(timeout 10 sacctmgr -n -P list assoc cluster="$CLUSTER" format=account,user) ||
+        die "sacctmgr list assoc failed"
+    grep -q "^$TEST_ACCOUNT|" <<<"$assocs" ||
+        timeout 10 sacctmgr -i add account "$TEST_ACCOUNT" Cluster="$CLUSTER" Description="test tenants" \
+            Organization=ftlib >/dev/null || die "sacctmgr add account $TEST_ACCOUNT failed"
+    for u in "$TEST_USER" "$OTHER_USER"; do
+        grep -qx "$TEST_ACCOUNT|$u" <<<"$assocs" && continue
+        timeout 10 sacctmgr -i add user "$u" Account="$TEST_ACCOUNT" DefaultAccount="$TEST_ACCOUNT" \
+            Cluster="$CLUSTER" >/dev/null || die "sacctmgr add user $u failed"
+        log "accounting: $u in account $TEST_ACCOUNT"
+    done
 }
 
 # ---------------------------------------------------------------- health
@@ -386,7 +447,25 @@ check_ports() {
     done
 }
 
+# --check: the cluster is up for this user (no root needed; changes nothing).
+check() {
+    local d problems=()
+    for d in $(daemon_names); do daemon_alive "$d" || problems+=("$d is not running"); done
+    nodes_up || problems+=("nodes ${NODES[*]} are not idle/allocated: $(sinfo -h -N -o '%N=%t' 2>&1 | tr '\n' ' ')")
+    accounting_up || problems+=("accounting (sacctmgr/sacct) does not answer")
+    getent passwd "$TEST_USER" "$OTHER_USER" >/dev/null || problems+=("users $TEST_USER/$OTHER_USER missing")
+    ((${#problems[@]} == 0)) && return 0
+    printf '[cluster-up] not healthy: %s\n' "${problems[@]}" >&2
+    echo "[cluster-up] start it as root: bash tests/cluster/up.sh (or make cluster-up)" >&2
+    return 1
+}
+
 main() {
+    case ${1:-} in
+        --check) check; return ;;
+        "") ;;
+        *) echo "usage: $0 [--check]" >&2; exit 2 ;;
+    esac
     umask 022
     cd /  # daemons inherit the cwd; a CI checkout may be deleted under them
     [[ $(id -u) == 0 ]] || die "must run as root (installs packages, writes /etc/slurm and /etc/hosts)"
@@ -399,8 +478,10 @@ main() {
     mode=$(proctrack_mode)
     write_configs "$mode"
     ensure_hosts
+    ensure_users
 
     if installed_configs_match "$mode" && healthy; then
+        ensure_accounts
         log "already up and healthy ($DIR)"
         return 0
     fi
@@ -413,6 +494,7 @@ main() {
     start_slurmdbd
     start_slurm
     healthy || fail slurmctld "cluster did not come up healthy"
+    ensure_accounts
 
     log "up in $((SECONDS - t0))s: cluster=$CLUSTER partition=debug nodes=${NODES[*]} proctrack=$mode"
     log "config: $ETC/slurm.conf (copy in $DIR/etc)  logs: $DIR/log  stop: tests/cluster/down.sh [--purge]"
