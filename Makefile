@@ -28,8 +28,13 @@ setup: $(SETUP)                       ## create/refresh the virtual environment 
 demo: $(SETUP)                        ## preprocess -> 2-process DeepSpeed LoRA -> Serve -> two requests, locally
 	$(FT) demo $(OVERRIDES)
 
-test: $(SETUP) cluster-up             ## the whole suite, against a real local Slurm cluster
-	$(PY) -m pytest $(PYTEST_ARGS)
+# As root, `make test` brings the test cluster up, then runs the suite as the unprivileged ftl-alice
+# (tests/cluster/run-as-user.sh); as any other user it runs the suite as that user, against the running cluster.
+# PYTEST_TIMEOUT bounds each test without its own timeout mark.
+IS_ROOT  := $(filter 0,$(shell id -u))
+PYTEST_TIMEOUT ?= 600
+test: $(SETUP) $(if $(IS_ROOT),cluster-up)  ## the whole suite, against a real local Slurm cluster
+	bash tests/cluster/run-as-user.sh $(PY) -m pytest --timeout=$(PYTEST_TIMEOUT) $(PYTEST_ARGS)
 
 train: $(SETUP)                       ## submit the pipeline: preprocess array -> training -> serve (if asked)
 	$(FT) train $(RECIPE) $(OVERRIDES) $(DRY)
