@@ -44,6 +44,16 @@ def test_zero3_across_two_nodes(make_recipe):
     assert '"stage": 3' in run.deepspeed.read_text().replace("\n", "").replace("  ", " ") or \
         '"stage":3' in run.deepspeed.read_text().replace(" ", "")
     assert (run.adapter / "adapter_model.safetensors").is_file()
+    # One process group of two ranks, not two groups of one: rank 0 reports world size 2, rank 1 reports as rank 1
+    # and never as a rank 0 of its own.
+    rank0, rank1 = (rank_log(run, k) for k in (0, 1))
+    assert re.search(r"world size 2\b", rank0) and "world size 1" not in rank0, rank0[-3000:]
+    assert re.search(r"rank 1\b.*peak memory", rank1) and "world size" not in rank1, rank1[-3000:]
+
+
+def rank_log(run: RunDir, rank: int) -> str:
+    """stdout and stderr of one training rank."""
+    return "".join(_read(status.log_path(run, "train", rank, err=err)) for err in (False, True))
 
 
 @pytest.mark.timeout(900)
@@ -64,8 +74,12 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(make_recipe, tmp_pa
 
     states = wait_for_jobs([job.job_id, ref_job.job_id], timeout=780)
     assert set(states.values()) == {"COMPLETED"}, (states, status.status(RunDir.of(preempted)))
+    # Requeued exactly once: scontrol counts the restarts (while slurmctld still holds the job); sacct --duplicates
+    # lists every run of the job id, the preempted one as REQUEUED.
     restarts = subprocess.run(["scontrol", "show", "job", job.job_id], capture_output=True, text=True).stdout
-    assert "Restarts=1" in restarts or sacct(job.job_id, "JobID", "State", steps=False), restarts
+    runs = [r["State"].split()[0] for r in sacct(job.job_id, "JobID", "State", duplicates=True)]
+    assert runs == ["REQUEUED", "COMPLETED"], (runs, restarts)
+    assert "Restarts=1" in restarts or not restarts, restarts  # empty: slurmctld already forgot the job
     text = _read(log)
     assert "resum" in text.lower(), text[-3000:]  # the restarted job said it resumed from a checkpoint
 
