@@ -154,12 +154,18 @@ def _wait(sub: Submitted, follow: bool) -> None:
                               f"  log: {job.paths.stderr}") from None
 
 
-def task_error(text: str) -> str:
-    """The exception line of a failed submitit task: the last line of the traceback it carries (submitit appends
-    the log paths after it, which say nothing of the cause)."""
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b:?")
+
+
+def task_error(text: str, limit: int = 600) -> str:
+    """The exception of a failed submitit task, on one line: from the last line of the traceback it carries that
+    names an exception type to its end (a message may span lines). submitit appends the log paths after the
+    traceback; they say nothing of the cause."""
     traceback = re.split(r"\n-{10,}\n", text)
     lines = [line for line in (traceback[1] if len(traceback) > 2 else text).strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else ""
+    start = max((i for i, line in enumerate(lines) if EXCEPTION_LINE.match(line)), default=len(lines) - 1)
+    message = " ".join(line.strip() for line in lines[start:])
+    return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
 def _print_new(path: Path, already: int) -> int:

@@ -80,19 +80,18 @@ def status(run: RunDir) -> str:
 #   srun: error: node2: task 1: Out Of Memory       srun: error: node1: task 0: Killed
 #   srun: error: node2: task 1: Exited with exit code 3
 SRUN_TASK_END = re.compile(r"srun: error: (?P<node>[^:\s]+): tasks? (?P<task>\d+)[^:]*: (?P<cause>.+)")
-FOLLOWERS = ("Killed", "Terminated")  # what --kill-on-bad-exit does to the other tasks
 
 
 def first_dead_task(batch_log: Path) -> Optional[Dict]:
-    """The task that ended first with an error, from srun's lines in the batch log: {task, node, cause}."""
+    """The task that ended first with an error: srun's first such line in the batch log (the tasks it then ends,
+    or that fail on their own when a peer vanishes, come after it). {task, node, cause} or None."""
     try:
         lines = batch_log.read_text(errors="replace").splitlines()
     except FileNotFoundError:
         return None
-    ends = [m.groupdict() for m in map(SRUN_TASK_END.search, lines) if m]
-    if not ends:
+    first = next((m for m in map(SRUN_TASK_END.search, lines) if m), None)
+    if first is None:
         return None
-    first = next((e for e in ends if e["cause"].strip() not in FOLLOWERS), ends[0])
     return {"task": int(first["task"]), "node": first["node"], "cause": first["cause"].strip()}
 
 

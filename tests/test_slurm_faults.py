@@ -1,0 +1,81 @@
+"""Faults of a training job on the REAL two-node Slurm cluster: a rank that dies after the rendezvous (its memory
+limit, or kill -9) ends the whole job within two minutes, `make status` names the rank, the node and the cause,
+and a resubmission resumes from the last complete checkpoint.
+
+The fault is injected from outside the product, as a real one would come: a `sitecustomize` module on the job's
+PYTHONPATH (set in the recipe's slurm.train.setup lines) starts a thread in rank 1 that waits for the first complete
+checkpoint and then allocates memory until the job's cgroup limit kills it, or kills itself with SIGKILL.
+"""
+import time
+
+import pytest
+
+from ftlib import checkpoints
+from ftlib.rundir import RunDir
+from launcher import launch, status
+from launcher.status import first_dead_task
+from tests.test_slurm import cluster, sacct, wait_for_jobs  # noqa: F401 (cluster: the session fixture)
+from tests.test_slurm_train import rank_log, two_node_recipe
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+INJECT = '''
+import os, threading, time
+from pathlib import Path
+armed = Path({armed!r})
+if os.environ.get("SLURM_PROCID") == "1" and os.environ.get("SUBMITIT_EXECUTOR") and armed.exists():
+    def fault():
+        while not list(Path({checkpoints!r}).glob("checkpoint-*/{marker}")):
+            time.sleep(0.2)
+        armed.unlink()
+        Path({fired!r}).write_text(str(time.time()))
+        if {mode!r} == "oom":
+            hog = []
+            while True:
+                hog.append(b"x" * (64 << 20))  # written, so resident: the cgroup's limit is reached
+        os.kill(os.getpid(), 9)
+    threading.Thread(target=fault, daemon=True).start()
+'''
+
+
+def injected_recipe(make_recipe, tmp_path, mode: str):
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    armed, fired = tmp_path / "armed", tmp_path / "fired"
+    armed.touch()
+    recipe = two_node_recipe(make_recipe, "data.sequence_len=128", "train.max_steps=16", "train.save_steps=2",
+                             "train.eval_steps=100",
+                             f"slurm.train.setup=['export PYTHONPATH={inject}:$PYTHONPATH']")
+    (inject / "sitecustomize.py").write_text(INJECT.format(
+        armed=str(armed), fired=str(fired), checkpoints=str(RunDir.of(recipe).checkpoints),
+        marker=checkpoints.MARKER, mode=mode))
+    return recipe, fired
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mode,cause", [("oom", "Out Of Memory"), ("kill", "Killed")])
+def test_a_dead_rank_ends_the_job_and_status_names_it(make_recipe, tmp_path, mode, cause):
+    recipe, fired = injected_recipe(make_recipe, tmp_path, mode)
+    run = RunDir.of(recipe)
+    (job,) = launch.submit(recipe, ["train"])
+    states = wait_for_jobs([job.job_id], timeout=420)
+    assert fired.exists(), ("the fault never fired", status.status(run))
+    assert states[job.job_id] in ("FAILED", "OUT_OF_MEMORY"), status.status(run)
+
+    # Ended within two minutes of the fault (sacct's End has a one-second resolution).
+    end = sacct(job.job_id, "End")[0]["End"]
+    ended = time.mktime(time.strptime(end, "%Y-%m-%dT%H:%M:%S"))
+    assert ended - float(fired.read_text()) < 120, (end, fired.read_text())
+
+    # `make status`: the rank, its node, the cause, and that rank's own log.
+    died = first_dead_task(status.log_path(run, "train", 0, err=True))
+    assert died == {"task": 1, "node": "node2", "cause": cause}, died
+    report = status.status(run)
+    assert f"rank 1 on node2 died first: {cause}" in report, report
+    assert str(status.log_path(run, "train", 1, err=True)) in report, report
+
+    if mode == "oom":  # a resubmission resumes from the last complete checkpoint and finishes
+        (again,) = launch.submit(recipe, ["train"])
+        assert wait_for_jobs([again.job_id], timeout=420)[again.job_id] == "COMPLETED", status.status(run)
+        assert "resuming from" in rank_log(run, 0), rank_log(run, 0)[-3000:]
+        assert run.training_done
