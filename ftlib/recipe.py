@@ -321,12 +321,22 @@ class StageResources:
             raise Invalid(self, None, "nodes, tasks_per_node, cpus_per_task and time_min must be at least 1")
 
 
+class GpuRequest(Choice):
+    gpus_per_node = "gpus_per_node"  # --gpus-per-node=[type:]N
+    gres = "gres"                    # --gres=gpu[:type]:N (sites without cons_tres GPU options)
+    gpus_per_task = "gpus_per_task"  # --gpus-per-task=[type:]1: Slurm binds one GPU to each task
+
+
 @dataclass
 class SiteSettings:
     partition: Optional[str] = opt(None, "Partition (default: the cluster's default).")
     account: Optional[str] = opt(None, "Account to charge.")
     qos: Optional[str] = opt(None, "Quality of service.")
     constraint: Optional[str] = opt(None, "Node features required (--constraint).")
+    gpu_request: GpuRequest = opt(GpuRequest.gpus_per_node, "How the site asks for resources.<stage>.gpus_per_node "
+                                  "GPUs: gpus_per_node (--gpus-per-node), gres (--gres=gpu:N) or gpus_per_task "
+                                  "(--gpus-per-task=1, one task per GPU).")
+    gpu_type: Optional[str] = opt(None, "GPU type in the request where the site has several (e.g. a100).")
     additional: Dict[str, str] = opt({}, "More #SBATCH options, name: value (e.g. reservation: myres).")
     setup: List[str] = opt([], "Shell lines run before the task (module load, source venv/bin/activate).")
 

@@ -32,27 +32,47 @@ class LaunchError(UserError):
 @dataclass
 class Submitted:
     stage: str
-    job_id: str
+    job_id: str  # the stage's (first) job: what tests and messages name
     folder: str
     tasks: List[int] = field(default_factory=list)  # shard indices, for an array stage
     jobs: list = field(default_factory=list, repr=False)  # submitit Job objects (not saved)
+    job_ids: List[str] = field(default_factory=list)  # every job of the stage (an array stage may need several)
+
+    def __post_init__(self):
+        self.job_ids = self.job_ids or [self.job_id]
+
+    @property
+    def afterok(self) -> str:
+        """The dependency of the next stage: all of this one's jobs ended well."""
+        return "afterok:" + ":".join(self.job_ids)
 
 
-def _submit(ex, stage: Stage, recipe, todo: List[int]) -> Submitted:
-    """Submit a stage's jobs through a submitit executor: one per shard for an array stage, else one."""
+def _submit(ex, stage: Stage, recipe, todo: List[int], max_array: Optional[int] = None) -> Submitted:
+    """Submit a stage's jobs through a submitit executor: one array task per shard for an array stage (as several
+    arrays of at most `max_array` tasks when the site caps array sizes, each after the previous one, so that at
+    most array_parallelism tasks run at once), else one job."""
     calls = stage.calls(recipe, todo)
-    if stage.array:
+    if not stage.array:
+        job = ex.submit(stage.run, *calls[0])
+        return Submitted(stage.name, job.job_id, str(ex.folder), jobs=[job])
+    size = max_array or len(calls)
+    jobs, arrays = [], []
+    first_dependency = ex.parameters.get("dependency")
+    for start in range(0, len(calls), size):
+        if arrays:
+            after_previous = f"afterany:{arrays[-1]}"
+            ex.update_parameters(dependency=f"{first_dependency},{after_previous}" if first_dependency
+                                 else after_previous)
         with ex.batch():
-            jobs = [ex.submit(stage.run, *args) for args in calls]
-    else:
-        jobs = [ex.submit(stage.run, *calls[0])]
-    return Submitted(stage.name, jobs[0].job_id.split("_")[0], str(ex.folder),
-                     tasks=list(todo) if stage.array else [], jobs=jobs)
+            chunk = [ex.submit(stage.run, *args) for args in calls[start:start + size]]
+        jobs += chunk
+        arrays.append(chunk[0].job_id.split("_")[0])
+    return Submitted(stage.name, arrays[0], str(ex.folder), tasks=list(todo), jobs=jobs, job_ids=arrays)
 
 
 def _record(run: RunDir, launcher: str, sub: Submitted) -> None:
     task_jobs = {index: job.job_id for index, job in zip(sub.tasks, sub.jobs)}
-    records.JobRecords(run).add(sub.stage, launcher, sub.job_id, Path(sub.folder), task_jobs)
+    records.JobRecords(run).add(sub.stage, launcher, sub.job_id, Path(sub.folder), task_jobs, sub.job_ids)
 
 
 class Slurm:
@@ -69,19 +89,21 @@ class Slurm:
                               f"`make cancel RUN={run.root}` first")
 
     def run(self, run: RunDir, stage: Stage, recipe, todo: List[int], after: Optional[Submitted]) -> Submitted:
-        dependency = f"afterok:{after.job_id}" if after else None
+        dependency = after.afterok if after else None
         if stage.before:
             stage.before(recipe)
         ex = submitit.SlurmExecutor(folder=run.stage_logs(stage.name), max_num_timeout=3)
         ex.update_parameters(**slurm_parameters(recipe, stage, dependency))
-        sub = _submit(ex, stage, recipe, todo)
+        sub = _submit(ex, stage, recipe, todo, records.max_array_size() if stage.array else None)
         # Keep the script submitit generated (<folder>/<job id>_submission.sh) beside the run's other scripts.
         script = JobPaths(sub.folder, job_id=sub.jobs[0].job_id).submission_file
         if script.is_file():
             write_atomic(run.sbatch / f"{stage.name}.sbatch", redact(script.read_text(), recipe))
         _record(run, self.name, sub)
-        print(f"[{stage.name}] submitted job {sub.job_id}" + (f" ({len(sub.tasks)} array tasks)" if sub.tasks else "")
-              + (f", after {after.job_id}" if after else ""))
+        arrays = f" as {len(sub.job_ids)} arrays ({', '.join(sub.job_ids)}; the site's MaxArraySize)" \
+            if len(sub.job_ids) > 1 else ""
+        print(f"[{stage.name}] submitted job {sub.job_id}" + (f" ({len(sub.tasks)} array tasks{arrays})" if sub.tasks
+                                                                else "") + (f", after {after.job_id}" if after else ""))
         return sub
 
 

@@ -53,7 +53,10 @@ class Train(submitit.helpers.Checkpointable):
         # Name nodes in rendezvous errors by their Slurm name (on the test cluster all share one hostname).
         os.environ.setdefault("FTLIB_NODE_NAME", os.environ.get("SLURMD_NODENAME", ""))
         # MASTER_ADDR is the first node; MASTER_PORT is derived from the job id, so two jobs sharing a node differ.
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=use_gpus, overwrite=True)
+        dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
+                                                                           overwrite=True)
+        if use_gpus:
+            os.environ.update(task_device(os.environ, dist_env.local_rank))
         from ftlib.train import train
 
         outcome = train(recipe)
@@ -68,6 +71,21 @@ class Train(submitit.helpers.Checkpointable):
 
     def checkpoint(self, recipe) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(self, recipe)
+
+
+def task_device(environ, local_rank: int) -> dict:
+    """The GPU of one training task, as CUDA_VISIBLE_DEVICES. Slurm sets the variable to the job's GPUs on the node
+    (--gpus-per-node, --gres: e.g. "2,3" when another job holds 0 and 1), or to the one GPU bound to the task
+    (--gpus-per-task=1): task k takes the k-th of the list; a list of one is kept."""
+    visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    if len(visible) == 1:
+        return {}
+    if not visible:  # nothing from Slurm (no GRES accounting): the devices are numbered from 0
+        return {"CUDA_VISIBLE_DEVICES": str(local_rank)}
+    if local_rank >= len(visible):
+        raise RuntimeError(f"task with local rank {local_rank} sees {len(visible)} GPU(s) (CUDA_VISIBLE_DEVICES="
+                           f"{','.join(visible)}): resources.train.tasks_per_node exceeds the GPUs Slurm gave the node")
+    return {"CUDA_VISIBLE_DEVICES": visible[local_rank]}
 
 
 def serve_node(recipe) -> str:

@@ -12,6 +12,8 @@ id locally), from which submitit's JobPaths names the logs.
 from __future__ import annotations
 
 import datetime
+import functools
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -45,19 +47,27 @@ class JobRecords:
     def latest(self, stage: str) -> Optional[dict]:
         return self.stages().get(stage)
 
-    def add(self, stage: str, launcher: str, job_id: str, folder: Path, task_jobs: Optional[Dict[int, str]] = None):
+    def add(self, stage: str, launcher: str, job_id: str, folder: Path, task_jobs: Optional[Dict[int, str]] = None,
+            job_ids: Optional[List[str]] = None):
         now = datetime.datetime.now().isoformat(timespec="seconds")
         state = self._read()
         task_jobs = task_jobs or {}
-        entry = {"job_id": job_id, "folder": str(folder), "launcher": launcher, "submitted": now,
-                 "tasks": sorted(task_jobs), "task_jobs": {str(k): v for k, v in task_jobs.items()}}
+        entry = {"job_id": job_id, "job_ids": job_ids or [job_id], "folder": str(folder), "launcher": launcher,
+                 "submitted": now, "tasks": sorted(task_jobs), "task_jobs": {str(k): v for k, v in task_jobs.items()}}
         state["stages"][stage] = entry
         state.setdefault("history", []).append({"stage": stage, **entry})
         write_json(self.run.jobs, state)
 
     def slurm_ids(self) -> List[str]:
-        """The latest Slurm job id of every stage, in chain order."""
-        return [e["job_id"] for e in self.stages().values() if e.get("launcher") == "slurm"]
+        """The Slurm job ids of every stage's latest submission, in chain order."""
+        return [j for e in self.stages().values() if e.get("launcher") == "slurm" for j in job_ids(e)]
+
+    def shard_of(self, stage: str, job_id: str) -> Optional[int]:
+        """The shard an array task ran ("15_2" -> its shard index), from the stage's record."""
+        for shard, job in (self.latest(stage) or {}).get("task_jobs", {}).items():
+            if job == job_id:
+                return int(shard)
+        return None
 
     def log_paths(self, stage: str, task: int = 0, job_id: Optional[str] = None) -> JobPaths:
         """submitit's paths of one task's logs: the shard index of an array stage, else the rank (task) of the job.
@@ -73,13 +83,14 @@ class JobRecords:
     def stage_states(self, lookup=None) -> Dict[str, dict]:
         """{stage: {job_id, launcher, state}}: one Slurm state per stage (an array takes its worst task's), None
         for local stages or when accounting is unavailable. `lookup(ids)` is `job_states` unless given."""
+        entries = self.stages()
         stages = {name: {"job_id": e.get("job_id"), "launcher": e.get("launcher"), "state": None}
-                  for name, e in self.stages().items()}
-        ids = [s["job_id"] for s in stages.values() if s["launcher"] == "slurm" and s["job_id"]]
+                  for name, e in entries.items()}
+        ids = self.slurm_ids()
         states = (lookup or job_states)(ids) if ids else {}
-        for s in stages.values():
+        for name, s in stages.items():
             if s["launcher"] == "slurm" and states:
-                s["state"] = stage_state(str(s["job_id"]), states)
+                s["state"] = stage_state(job_ids(entries[name]), states)
         return stages
 
 
@@ -102,9 +113,15 @@ def job_states(job_ids: List[str]) -> Dict[str, str]:
     return {r["JobID"]: r["State"].split()[0] for r in sacct(job_ids, ["JobID", "State"])}
 
 
-def stage_state(job_id: str, states: Dict[str, str]) -> str:
-    """One state for a stage's job: an array job takes its worst task's state."""
-    mine = {s for j, s in states.items() if j == job_id or j.startswith(f"{job_id}_")}
+def job_ids(entry: dict) -> List[str]:
+    """Every job of a stage's record (an array stage split into several arrays has several)."""
+    return entry.get("job_ids") or [entry["job_id"]]
+
+
+def stage_state(ids: List[str] | str, states: Dict[str, str]) -> str:
+    """One state for a stage's jobs: the worst of them, an array's tasks included."""
+    ids = [ids] if isinstance(ids, str) else ids
+    mine = {s for j, s in states.items() if any(j == i or j.startswith(f"{i}_") for i in ids)}
     if not mine:
         return "UNKNOWN"
     return min(mine, key=lambda s: WORST_FIRST.index(s) if s in WORST_FIRST else len(WORST_FIRST))
@@ -141,9 +158,22 @@ def node_states(nodelist: str) -> List[tuple]:
     return [tuple((line.split("|") + ["", ""])[:3]) for line in out.stdout.splitlines() if line]
 
 
-def cancel(job_ids: List[str]) -> None:
-    if job_ids:
-        subprocess.run(["scancel", *job_ids], check=False)
+def cancel(ids: List[str]) -> None:
+    if ids:
+        subprocess.run(["scancel", *ids], check=False)
+
+
+@functools.lru_cache(maxsize=1)
+def max_array_size() -> Optional[int]:
+    """The site's MaxArraySize (array indices must stay below it), from `scontrol show config`; None if unknown."""
+    if not shutil.which("scontrol"):
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.M)
+    return int(found.group(1)) if found and int(found.group(1)) > 0 else None
 
 
 def usage(job_id: str) -> Optional[Dict[str, float]]:

@@ -29,8 +29,7 @@ def slurm_parameters(recipe, stage: Stage | str, dependency: Optional[str] = Non
     }
     optional = {"partition": site.partition, "account": site.account, "qos": site.qos, "constraint": site.constraint,
                 "mem": f"{int(r.mem_gb * 1024)}M" if r.mem_gb else None,
-                "gpus_per_node": r.gpus_per_node or None, "exclusive": True if r.exclusive else None,
-                "dependency": dependency}
+                "exclusive": True if r.exclusive else None, "dependency": dependency, **gpu_parameters(r, site)}
     params.update({k: v for k, v in optional.items() if v is not None})
     extra = dict(site.additional)
     if dependency:
@@ -39,6 +38,18 @@ def slurm_parameters(recipe, stage: Stage | str, dependency: Optional[str] = Non
     if extra:
         params["additional_parameters"] = extra
     return params
+
+
+def gpu_parameters(r, site) -> Dict:
+    """The GPU request spelled as the site wants it (slurm.<stage>.gpu_request)."""
+    if not r.gpus_per_node:
+        return {}
+    typed = f"{site.gpu_type}:" if site.gpu_type else ""
+    if site.gpu_request == "gres":
+        return {"gres": f"gpu:{typed}{r.gpus_per_node}"}
+    if site.gpu_request == "gpus_per_task":  # one task per GPU (the recipe checks tasks_per_node == gpus_per_node)
+        return {"gpus_per_task": f"{typed}1" if typed else 1}
+    return {"gpus_per_node": f"{typed}{r.gpus_per_node}" if typed else r.gpus_per_node}
 
 
 def render_sbatch(recipe, stage: Stage | str, dependency: Optional[str] = None,

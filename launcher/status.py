@@ -23,7 +23,7 @@ def stage_rows(run: RunDir) -> List[Dict[str, str]]:
             rows.append({"stage": stage, "JobID": entry["job_id"], "State": "LOCAL", "Elapsed": "", "NodeList": "",
                          "ExitCode": "", "Reason": ""})
             continue
-        rows += [{"stage": stage, **r} for r in records.sacct([entry["job_id"]], FIELDS)]
+        rows += [{"stage": stage, **r} for r in records.sacct(records.job_ids(entry), FIELDS)]
     return rows
 
 
@@ -55,9 +55,11 @@ def status(run: RunDir) -> str:
         out.append(f"{r['stage']:<11}{r['JobID']:<12}{state:<14}{r['Elapsed']:<11}{r['NodeList']:<16}{r['ExitCode']}")
         if state in records.FAILED:
             failures.append(r)
+    jobs = records.JobRecords(run)
     for r in failures:
-        if "_" in r["JobID"]:  # an array task: its index is the shard
-            task = int(r["JobID"].split("_")[1].strip("[]").split("-")[0])
+        if "_" in r["JobID"]:  # an array task: its record says which shard it ran
+            shard = jobs.shard_of(r["stage"], r["JobID"])
+            task = int(r["JobID"].split("_")[1].strip("[]").split("-")[0]) if shard is None else shard
             what = f"shard {task} (array task {r['JobID']})"
         elif r["State"].startswith("CANCELLED"):
             out.append(f"\n{r['stage']}: job {r['JobID']} was cancelled ({r['State']})")

@@ -47,3 +47,38 @@ def test_parameters_come_from_the_recipe(make_recipe):
 def test_array_parallelism(make_recipe):
     r = make_recipe("data.num_shards=4", "resources.preprocess.array_parallelism=2")
     assert "#SBATCH --array=0-3%2" in sbatch.render_sbatch(r, "preprocess", None, 4)
+
+
+@pytest.mark.parametrize("spelling,gpu_type,line", [
+    ("gpus_per_node", None, "#SBATCH --gpus-per-node=4"),
+    ("gpus_per_node", "a100", "#SBATCH --gpus-per-node=a100:4"),
+    ("gres", None, "#SBATCH --gres=gpu:4"),
+    ("gres", "a100", "#SBATCH --gres=gpu:a100:4"),
+    ("gpus_per_task", None, "#SBATCH --gpus-per-task=1"),
+    ("gpus_per_task", "h100", "#SBATCH --gpus-per-task=h100:1")])
+def test_gpus_spelled_as_the_site_wants(make_recipe, spelling, gpu_type, line):
+    r = make_recipe("resources.train.gpus_per_node=4", "resources.train.tasks_per_node=4",
+                    "train.global_batch_size=32", f"slurm.train.gpu_request={spelling}",
+                    *([f"slurm.train.gpu_type={gpu_type}"] if gpu_type else []))
+    text = normalized(sbatch.render_sbatch(r, "train", "afterok:7"), r)
+    assert line in text and "#SBATCH --ntasks-per-node=4" in text
+    assert sum("gpu" in x for x in text.splitlines() if x.startswith("#SBATCH")) == 1, text  # one spelling only
+    golden = GOLDEN / f"demo-train-{spelling}{'-' + gpu_type if gpu_type else ''}.sbatch"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()
+
+
+@pytest.mark.parametrize("visible,expected", [
+    ("0,1,2,3", ["0", "1", "2", "3"]),      # --gpus-per-node / --gres: every task sees the node's GPUs
+    ("4,5,6,7", ["4", "5", "6", "7"]),      # another job holds 0-3 on this node
+    (None, ["0", "1", "2", "3"]),           # nothing from Slurm
+])
+def test_each_task_gets_its_own_gpu(visible, expected):
+    from launcher.jobs import task_device
+
+    environ = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    assert [task_device(environ, k)["CUDA_VISIBLE_DEVICES"] for k in range(4)] == expected
+    assert task_device({"CUDA_VISIBLE_DEVICES": "6"}, 2) == {}  # --gpus-per-task=1: Slurm bound the task's GPU
+    with pytest.raises(RuntimeError, match="local rank 2 sees 2 GPU"):
+        task_device({"CUDA_VISIBLE_DEVICES": "0,1"}, 2)
