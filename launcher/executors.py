@@ -20,7 +20,7 @@ from submitit.core.utils import JobPaths
 from ftlib.errors import UserError
 from ftlib.recipe import redact
 from ftlib.rundir import RunDir, write_atomic
-from launcher import records
+from launcher import records, site
 from launcher.sbatch import render_sbatch, slurm_parameters
 from launcher.stages import Stage
 
@@ -79,14 +79,24 @@ class Slurm:
     name = "slurm"
     skipped = "[{}] already done, skipped"
 
-    def prepare(self, run: RunDir) -> None:
-        """Refuse to submit a run that still has jobs queued or running (they would write the same files)."""
+    def prepare(self, run: RunDir, recipe, plan: List[tuple]) -> None:
+        """Refuse to submit a run that still has jobs queued or running (they would write the same files), and
+        check every stage against the site's limits before submitting any (launcher.site)."""
         ids = records.JobRecords(run).slurm_ids()
         active = {j: s for j, s in records.job_states(ids).items() if s in records.ACTIVE}
         if active:
             listing = ", ".join(f"{j} {s}" for j, s in active.items())
             raise LaunchError(f"{run.root.name} still has jobs in flight ({listing}); "
                               f"`make cancel RUN={run.root}` first")
+        for stage, todo in plan:
+            array = min(len(todo), records.max_array_size() or len(todo)) if stage.array else None
+            site.check(recipe, stage, render_sbatch(recipe, stage, None, array))
+
+    def abort(self, submitted: List[Submitted]) -> None:
+        ids = [j for sub in submitted for j in sub.job_ids]
+        if ids:
+            records.cancel(ids)
+            print(f"cancelled what was already submitted: {', '.join(ids)}")
 
     def run(self, run: RunDir, stage: Stage, recipe, todo: List[int], after: Optional[Submitted]) -> Submitted:
         dependency = after.afterok if after else None
@@ -111,8 +121,11 @@ class Local:
     name = "local"
     skipped = "[{}] already done, skipped"
 
-    def prepare(self, run: RunDir) -> None:
+    def prepare(self, run: RunDir, recipe, plan: List[tuple]) -> None:
         pass
+
+    def abort(self, submitted: List[Submitted]) -> None:
+        pass  # each local stage has ended before the next starts
 
     def run(self, run: RunDir, stage: Stage, recipe, todo: List[int],
             after: Optional[Submitted]) -> Optional[Submitted]:
@@ -144,7 +157,10 @@ class DryRun:
     def __init__(self):
         self.written: List[Path] = []
 
-    def prepare(self, run: RunDir) -> None:
+    def prepare(self, run: RunDir, recipe, plan: List[tuple]) -> None:
+        pass
+
+    def abort(self, submitted: List[Submitted]) -> None:
         pass
 
     def run(self, run: RunDir, stage: Stage, recipe, todo: List[int], after: Optional[Submitted]) -> Submitted:

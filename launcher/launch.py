@@ -27,16 +27,20 @@ StageList = Sequence[Union[str, Stage]]
 def run_chain(recipe, stages: StageList, executor) -> List[Submitted]:
     """Run `stages` in order with `executor`; each waits for the one before (afterok on Slurm)."""
     run = save_recipe(recipe)
-    executor.prepare(run)
+    plan = [(stage, stage.todo(recipe)) for stage in (STAGES[s] if isinstance(s, str) else s for s in stages)]
+    executor.prepare(run, recipe, [(stage, todo) for stage, todo in plan if todo])
     submitted: List[Submitted] = []
-    for stage in (STAGES[s] if isinstance(s, str) else s for s in stages):
-        todo = stage.todo(recipe)
-        if not todo:
-            print(executor.skipped.format(stage.name))
-            continue
-        sub = executor.run(run, stage, recipe, todo, after=submitted[-1] if submitted else None)
-        if sub is not None:
-            submitted.append(sub)
+    try:
+        for stage, todo in plan:
+            if not todo:
+                print(executor.skipped.format(stage.name))
+                continue
+            sub = executor.run(run, stage, recipe, todo, after=submitted[-1] if submitted else None)
+            if sub is not None:
+                submitted.append(sub)
+    except BaseException:
+        executor.abort(submitted)  # nothing half-submitted: no stage left waiting on one that never comes
+        raise
     return submitted
 
 
