@@ -96,8 +96,9 @@ class JobRecords:
 
 # ----------------------------------------------------------------------------------------------------- Slurm
 def sacct(job_ids: List[str], fields: List[str]) -> List[Dict[str, str]]:
-    """One dict per job (and per array task), allocation lines only; [] when accounting is unavailable."""
-    if not job_ids or not shutil.which("sacct"):
+    """One dict per job (and per array task), allocation lines only; [] when accounting is unavailable (see
+    accounting_missing)."""
+    if not job_ids or accounting_missing():
         return []
     try:
         out = subprocess.run(["sacct", "-X", "-P", "-n", f"--format={','.join(fields)}", "-j", ",".join(job_ids)],
@@ -108,8 +109,52 @@ def sacct(job_ids: List[str], fields: List[str]) -> List[Dict[str, str]]:
     return [dict(zip(fields, values)) for values in rows if len(values) == len(fields)]
 
 
+@functools.lru_cache(maxsize=1)
+def accounting_missing() -> Optional[str]:
+    """Why this site keeps no job history (no sacct, or no slurmdbd behind it), or None when it does."""
+    if not shutil.which("sacct"):
+        return "sacct is not installed"
+    try:
+        out = subprocess.run(["sacct", "-X", "-n", "-j", "1", "--format=JobID"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"sacct did not answer ({e})"
+    if out.returncode != 0:
+        return " ".join((out.stderr or out.stdout).split()) or f"sacct exited with {out.returncode}"
+    return None
+
+
+def live_states(job_ids: List[str]) -> Dict[str, str]:
+    """States from slurmctld itself (squeue, then scontrol for jobs that ended a few minutes ago): what a site
+    without accounting still knows. A job neither knows has ended, how is lost: "ENDED"."""
+    states: Dict[str, str] = {}
+    if not job_ids or not shutil.which("squeue"):
+        return states
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(job_ids)], capture_output=True,
+                             text=True, timeout=30).stdout
+        states.update(line.split("|", 1) for line in out.splitlines() if "|" in line)
+        for job in job_ids:
+            if any(j == job or j.startswith(f"{job}_") for j in states):
+                continue
+            shown = subprocess.run(["scontrol", "show", "job", job, "-o"], capture_output=True, text=True,
+                                   timeout=30).stdout
+            for line in shown.splitlines():
+                array_job = re.search(r"\bArrayJobId=(\d+) ArrayTaskId=(\d+)", line)
+                name = f"{array_job.group(1)}_{array_job.group(2)}" if array_job else job
+                found = re.search(r"\bJobState=(\S+)", line)
+                states[name] = found.group(1) if found else "ENDED"
+            states.setdefault(job, "ENDED")
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return states
+
+
 def job_states(job_ids: List[str]) -> Dict[str, str]:
-    """Job id (array tasks as <id>_<k>) -> Slurm state, e.g. {"12_0": "COMPLETED", "13": "PENDING"}."""
+    """Job id (array tasks as <id>_<k>) -> Slurm state, e.g. {"12_0": "COMPLETED", "13": "PENDING"}; from slurmctld
+    (live_states) where the site keeps no accounting."""
+    if accounting_missing():
+        return live_states(job_ids)
     return {r["JobID"]: r["State"].split()[0] for r in sacct(job_ids, ["JobID", "State"])}
 
 

@@ -23,7 +23,11 @@ def stage_rows(run: RunDir) -> List[Dict[str, str]]:
             rows.append({"stage": stage, "JobID": entry["job_id"], "State": "LOCAL", "Elapsed": "", "NodeList": "",
                          "ExitCode": "", "Reason": ""})
             continue
-        rows += [{"stage": stage, **r} for r in records.sacct(records.job_ids(entry), FIELDS)]
+        if records.accounting_missing():  # no history: what slurmctld still knows, state only
+            rows += [{"stage": stage, "JobID": j, "State": s, "Elapsed": "", "NodeList": "", "ExitCode": "",
+                      "Reason": ""} for j, s in records.live_states(records.job_ids(entry)).items()]
+        else:
+            rows += [{"stage": stage, **r} for r in records.sacct(records.job_ids(entry), FIELDS)]
     return rows
 
 
@@ -47,6 +51,10 @@ def status(run: RunDir) -> str:
         return f"{run.root}: nothing submitted yet"
     pending = records.pending_reasons([r["JobID"] for r in rows if r["State"] == "PENDING"])
     out = [f"run {run.root}", f"{'stage':<11}{'job':<12}{'state':<14}{'elapsed':<11}{'nodes':<16}exit"]
+    missing = records.accounting_missing()
+    if missing:
+        out.insert(1, f"(job history unavailable: this site keeps no accounting — {missing}; states come from "
+                      f"squeue/scontrol, and a job that ended over a few minutes ago shows as ENDED)")
     failures = []
     for r in rows:
         state = r["State"].split()[0]

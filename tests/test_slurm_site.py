@@ -1,5 +1,9 @@
 """A site's limits on the REAL test cluster, which is configured like a strict site (tests/cluster/up.sh)."""
+import os
+import re
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +43,35 @@ def test_more_shards_than_the_sites_max_array_size(make_recipe):
     assert again.tasks == [7] and len(again.job_ids) == 1
     assert wait_for_jobs(again.job_ids, timeout=180) == {f"{again.job_id}_0": "COMPLETED"}
     assert shards_status(recipe)["ready"]
+
+
+@pytest.fixture
+def no_accounting(tmp_path, monkeypatch):
+    """This cluster's clients as on a site without slurmdbd: the same slurm.conf with accounting storage off, so
+    sacct answers "Slurm accounting storage is disabled" while squeue and scontrol work as usual."""
+    conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")).read_text()
+    off = tmp_path / "slurm.conf"
+    off.write_text(re.sub(r"(?m)^AccountingStorageType=.*$", "AccountingStorageType=accounting_storage/none", conf))
+    monkeypatch.setenv("SLURM_CONF", str(off))
+    records.accounting_missing.cache_clear()
+    yield
+    monkeypatch.undo()
+    records.accounting_missing.cache_clear()
+
+
+@pytest.mark.timeout(420)
+def test_without_accounting_status_and_the_chain_still_work(make_recipe, no_accounting):
+    assert "accounting storage is disabled" in (records.accounting_missing() or "").lower()
+    recipe = make_recipe("run.launcher=slurm", "data.sources[0].max_rows=60", "serve.enabled=false")
+    (pre,) = launch.submit(recipe, ["preprocess"])
+    run = RunDir.of(recipe)
+    deadline = time.time() + 300
+    while time.time() < deadline and records.stage_state(pre.job_ids, records.job_states(pre.job_ids)) in \
+            records.ACTIVE + ("UNKNOWN",):
+        time.sleep(2)
+    report = status.status(run)
+    assert "job history unavailable" in report and "accounting storage is disabled" in report.lower(), report
+    assert f"{pre.job_id}_1" in report and ("COMPLETED" in report or "ENDED" in report), report
+    assert shards_status(recipe)["ready"]
+    # A second submission checks for jobs in flight from slurmctld's view, without sacct: nothing to do here.
+    assert launch.submit(recipe, ["preprocess"]) == []
