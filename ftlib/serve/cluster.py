@@ -11,18 +11,29 @@ slurm/ calls it; `make serve` with launcher=local calls it once through ftlib.se
 Each blocks until SIGTERM, SIGINT or SIGUSR2 (Slurm's time limit, `make cancel`, Ctrl-C), a `stop` event, or an
 optional time limit, then takes down what it started, and only that: rank 0 removes endpoint.json and the token,
 shuts Serve down, and every rank stops its own `ray start` (never `ray stop`, which would kill every Ray of the user
-on the host) and deletes its temporary directory.
+on the host) and deletes its folder (token and Ray's temporary directory).
 
 Ports. Every Ray port (GCS, node manager, object manager, worker range, dashboard and its agent, metrics,
-runtime-env agent, client server) and the HTTP port of a node come from one block of 128 ports in 20000-31999
-(below Linux's ephemeral range). The first block tried is derived from the job id and the node rank; a block is
-taken only if this host has no other ftlib node holding it (a lock file, held while the node runs) and every port
-in it is free. So two serve jobs on one node, or two nodes of a test cluster on one host, never collide. The other
-nodes learn the head's port from serve_head.json.
+runtime-env agent, client server, and the dashboard's and autoscaler's metrics ports) and the HTTP port of a node
+come from one block of 128 ports in 20000-31999 (below Linux's ephemeral range). The first block tried is derived
+from the job id and the node rank; a block is taken only if this host has no other ftlib node of this user holding
+it (a lock file, held while the node runs) and every port in it is free. So two serve jobs on one node, or two
+nodes of a test cluster on one host, never collide. The other nodes learn the head's port from serve_head.json.
 
-Security. Ray's control plane uses token authentication with a token made for this job (RAY_AUTH_MODE=token; the
-token travels in files of mode 600, never on a command line or in a log). The dashboard, when on, listens on
-loopback only. Ray's temporary directory is /tmp/ftr-<job>-<rank>: Unix socket paths must stay under 107 bytes.
+Security (other users of the same hosts are not trusted):
+  - Ray's control plane uses token authentication with a token made for this job (RAY_AUTH_MODE=token; the token
+    travels in files of mode 600, never on a command line or in a log). Every listener of the cluster refuses
+    requests without it (tests/test_security_ray.py checks each one).
+  - Files: everything of a node lives in a fresh folder with an unpredictable name (NodeDir) inside this user's
+    private /tmp/ftlib-<uid> (mode 700; refused, in one line, if it is a symbolic link, another user's, or open to
+    others). The token file is written there with O_EXCL|O_NOFOLLOW, mode 600, outside Ray's temporary directory
+    (Ray makes that one world-writable). The port locks are in /tmp/ftlib-<uid>/ports. Stopping removes the
+    folder; starting a node first removes the folders of this user's nodes that were killed (no lock held).
+    Paths stay short: Unix socket paths must stay under 107 bytes.
+  - Ray's Prometheus endpoints take no token, so they are off unless FTLIB_RAY_METRICS=1 (then on the block's
+    ports, every interface: for a site's Prometheus). The dashboard, when on, listens on loopback only.
+  - One listener is outside the block: Serve's replicas run an inter-deployment gRPC server on a port Ray 2.60
+    hard-codes as "[::]:0" (the kernel's ephemeral range, which the blocks avoid); it checks the token.
 """
 from __future__ import annotations
 
@@ -33,11 +44,14 @@ import json
 import os
 import re
 import secrets
+import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -53,21 +67,144 @@ from ftlib.stopping import stop_on, unblock
 PORT_RANGE = (20000, 32000)  # Ray's own defaults use 6379, 8265, 10002-19999; Linux's ephemeral range starts at 32768
 BLOCK = 128
 NAMED_PORTS = ("gcs", "node_manager", "object_manager", "client_server", "dashboard", "dashboard_agent_http",
-               "dashboard_agent_grpc", "runtime_env_agent", "metrics", "http")
+               "dashboard_agent_grpc", "runtime_env_agent", "metrics", "http", "dashboard_metrics",
+               "autoscaler_metrics")
 WORKER_PORTS = (16, BLOCK)  # offsets in the block: 112 ports for Ray's worker processes
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+TMP_ROOT = Path("/tmp")  # not $TMPDIR: every job of this user on this host must find the same port locks
+METRICS_ENV = "FTLIB_RAY_METRICS"  # =1: Ray's Prometheus endpoints on (unauthenticated, every interface)
+UNBINDABLE_PORT = "65536"
 
 
 def log(msg: str) -> None:
     print(f"[serve] {msg}", file=sys.stderr, flush=True)
 
 
+# ----------------------------------------------------------------------------------------------------- private files
+class UnsafeDirectory(RuntimeError):
+    """A folder we would keep tokens or locks in is not safely ours (one line, for the user)."""
+
+
+def private_dir(path: Path) -> Path:
+    """`path`, created mode 700 if missing; refused unless it is a real directory (not a symbolic link), owned by
+    this user, that nobody else may enter."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    why = None
+    if stat.S_ISLNK(st.st_mode):
+        why = "is a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        why = "is not a directory"
+    elif st.st_uid != os.getuid():
+        why = f"belongs to {_user_name(st.st_uid)}, not to you"
+    elif st.st_mode & 0o077:
+        why = f"is open to other users (mode {stat.S_IMODE(st.st_mode):o})"
+    if why:
+        raise UnsafeDirectory(f"{path} {why}: refusing to keep Ray's files and tokens there (someone may have "
+                              f"prepared it in advance); remove it and start again")
+    return path
+
+
+def user_base(root: Path = TMP_ROOT) -> Path:
+    """root/ftlib-<uid>: this user's private folder on this host (node folders, port locks). The name can be
+    predicted, so it is checked (private_dir), and so is `root`: a world-writable root without the sticky bit would
+    let anyone rename our folder away and put theirs in its place."""
+    st = os.stat(root)
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise UnsafeDirectory(f"{root} is writable by everyone but not sticky: refusing to keep Ray's files there")
+    return private_dir(root / f"ftlib-{os.getuid()}")
+
+
+def open_private(path: Path) -> int:
+    """A lock file of ours (created 600; never through a symbolic link; refused if another user owns it)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    if os.fstat(fd).st_uid != os.getuid():
+        os.close(fd)
+        raise UnsafeDirectory(f"{path} belongs to {_user_name(os.stat(path).st_uid)}, not to you: refusing it")
+    return fd
+
+
+def write_private(path: Path, text: str) -> None:
+    """A new file only we can read (600): never an existing file, never through a symbolic link."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name}"
+    except KeyError:
+        return f"uid {uid}"
+
+
+class NodeDir:
+    """The folder of one Ray node of ours on this host: a fresh, unpredictable name in the user's base folder
+    (tempfile.mkdtemp), holding
+
+        lock        locked while the node runs (the sweep of leftovers leaves it alone)
+        ray_token   the cluster's token (600), outside Ray's folder
+        ray/        Ray's --temp-dir: Ray makes it world-writable; the private folders above keep others out
+
+    Paths stay short (/tmp/ftlib-<uid>/n<8 chars>/ray/session_<date>_<pid>/sockets/...: under 100 bytes) because
+    Unix socket paths are limited to 107 bytes. Creating one first removes this user's leftovers: the folders of
+    nodes that ended without removing theirs (killed), with their tokens."""
+
+    def __init__(self, base: Path):
+        guard = open_private(base / ".create.lock")
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # a folder is created and locked before any sweep can see it
+            sweep_leftovers(base)
+            self.path = Path(tempfile.mkdtemp(prefix="n", dir=base))
+            self._lock = open_private(self.path / "lock")
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(guard)
+        self.token_file = self.path / "ray_token"
+        self.ray_dir = self.path / "ray"
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._lock)
+
+
+def sweep_leftovers(base: Path) -> List[Path]:
+    """Remove the folders of this user's nodes in `base` that nobody holds any more (call with base's
+    .create.lock held). Returns what was removed."""
+    removed = []
+    for entry in os.scandir(base):
+        if not entry.name.startswith("n") or not entry.is_dir(follow_symlinks=False) \
+                or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+            continue
+        try:
+            fd = os.open(Path(entry.path, "lock"), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = None  # never locked (its node died while creating it): a leftover too
+        except OSError:
+            continue
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a running node
+        finally:
+            if fd is not None:
+                os.close(fd)
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
+        log(f"removed {entry.path}, left behind by a node of yours that did not stop cleanly")
+    return removed
+
+
 # ----------------------------------------------------------------------------------------------------- ports
 @dataclass
 class NodePorts:
-    """The ports of one Ray node, held (by a lock file) until `release()`."""
+    """The ports of one Ray node, held (by a lock file: its descriptor) until `release()`."""
     first: int
-    lock: object
+    lock: int
 
     def __getattr__(self, name):
         if name in NAMED_PORTS:
@@ -79,26 +216,26 @@ class NodePorts:
         return self.first + WORKER_PORTS[0], self.first + WORKER_PORTS[1] - 1
 
     def release(self) -> None:
-        self.lock.close()
+        os.close(self.lock)
 
 
-def reserve_ports(job_id: str, node_rank: int) -> NodePorts:
-    """A free block of ports for this node of this job (see the module's docstring)."""
+def reserve_ports(job_id: str, node_rank: int, base: Optional[Path] = None) -> NodePorts:
+    """A free block of ports for this node of this job (see the module's docstring). The lock files are in the
+    user's private base folder (`base`, default user_base())."""
     blocks = (PORT_RANGE[1] - PORT_RANGE[0]) // BLOCK
     start = zlib.crc32(f"{job_id}/{node_rank}".encode()) % blocks
-    lock_dir = Path(f"/tmp/ftlib-ports-{os.getuid()}")
-    lock_dir.mkdir(mode=0o700, exist_ok=True)
+    lock_dir = private_dir((base or user_base()) / "ports")
     for i in range(blocks):
         first = PORT_RANGE[0] + ((start + i) % blocks) * BLOCK
-        lock = open(lock_dir / f"{first}.lock", "w")
+        lock = open_private(lock_dir / f"{first}.lock")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by another ftlib node on this host
         except BlockingIOError:
-            lock.close()
+            os.close(lock)
             continue
         if all(_port_free(p) for p in range(first, first + BLOCK)):
             return NodePorts(first, lock)
-        lock.close()
+        os.close(lock)
     raise RuntimeError(f"no free block of {BLOCK} ports in {PORT_RANGE[0]}-{PORT_RANGE[1] - 1} on this host")
 
 
@@ -115,16 +252,34 @@ def _port_free(port: int) -> bool:
 
 # ----------------------------------------------------------------------------------------------------- ray nodes
 class RayNode:
-    """One `ray start --block` process of this job on this host, with its ports, temp dir and token file."""
+    """One `ray start --block` process of this job on this host, with its ports and its private folder (NodeDir:
+    token file and Ray's temp dir)."""
 
     def __init__(self, job_id: str, node_rank: int, host: str, ray_token: str, head_address: Optional[str] = None,
                  dashboard: bool = False):
         self.job_id, self.rank, self.ip = job_id, node_rank, socket.gethostbyname(host)
-        self.temp_dir = Path(f"/tmp/ftr-{job_id}-{node_rank}")
-        self.temp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.token_file = self.temp_dir / "ray_token"
-        write_atomic(self.token_file, ray_token, mode=0o600)
-        self.ports = reserve_ports(job_id, node_rank)
+        base = user_base()
+        self.dir = NodeDir(base)
+        try:
+            write_private(self.dir.token_file, ray_token)
+            self.ports = reserve_ports(job_id, node_rank, base)
+            self._start(host, head_address, dashboard)
+        except BaseException:
+            if hasattr(self, "ports"):
+                self.ports.release()
+            self.dir.remove()
+            raise
+
+    @property
+    def token_file(self) -> Path:
+        return self.dir.token_file
+
+    @property
+    def temp_dir(self) -> Path:
+        return self.dir.ray_dir
+
+    def _start(self, host: str, head_address: Optional[str], dashboard: bool) -> None:
+        node_rank = self.rank
         self.address = f"{self.ip}:{self.ports.gcs}" if head_address is None else head_address
         p = self.ports
         low, high = p.worker_range
@@ -143,12 +298,12 @@ class RayNode:
                     f"--dashboard-port={p.dashboard}"]
         else:
             cmd += [f"--address={head_address}"]
-        env = {**os.environ, **ray_auth_env(self.token_file),
+        env = {**os.environ, **ray_env(self.token_file, p),
                # The one HTTP proxy is on the head: left to prefer its own node, it would send everything to the
                # head's replicas until they are full, leaving the other nodes' replicas idle.
                "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0",
                # Marks every process of this node (Ray's processes inherit it): tests look for leftovers.
-               "FTLIB_RAY_NODE": f"{job_id}-{node_rank}"}
+               "FTLIB_RAY_NODE": f"{self.job_id}-{node_rank}"}
         log(f"node {node_rank}: starting Ray {'head' if head_address is None else 'worker'} on {host} ({self.ip}), "
             f"ports {p.first}-{p.first + BLOCK - 1}, temp dir {self.temp_dir}")
         # Own session: Ctrl-C at a terminal reaches only us, and we stop Ray in order. The kernel stops Ray if we
@@ -185,11 +340,35 @@ class RayNode:
             pass
         self.process.wait()
         self.ports.release()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.dir.remove()
 
 
 def ray_auth_env(token_file: Path) -> dict:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+
+
+def metrics_wanted() -> bool:
+    return os.environ.get(METRICS_ENV, "") == "1"
+
+
+def ray_env(token_file: Path, ports: NodePorts) -> dict:
+    """The environment of every process of a Ray node of ours (and of the driver): token auth, and Ray's Prometheus
+    endpoints, which take no token, off unless FTLIB_RAY_METRICS=1.
+
+    Ray 2.60 serves metrics without authentication from three processes: the dashboard agent of every node
+    (--metrics-export-port), and on the head the dashboard process and the autoscaler monitor (ports fixed at 44227
+    and 44217, on every interface when the node's address is not 127.0.0.1). The agent's exporter goes with Ray's
+    metrics collection (RAY_enable_metrics_collection=0). The other two have no switch, only their port variables:
+    a port that cannot be bound makes their start fail, which Ray logs and carries on from. With metrics wanted,
+    all three take ports of the node's block instead."""
+    env = ray_auth_env(token_file)
+    if metrics_wanted():
+        env.update({"DASHBOARD_METRIC_PORT": str(ports.dashboard_metrics),
+                    "AUTOSCALER_METRIC_PORT": str(ports.autoscaler_metrics)})
+    else:
+        env.update({"RAY_enable_metrics_collection": "0", "DASHBOARD_METRIC_PORT": UNBINDABLE_PORT,
+                    "AUTOSCALER_METRIC_PORT": UNBINDABLE_PORT})
+    return env
 
 
 def _as_own_process() -> None:
@@ -211,6 +390,11 @@ def run_node(recipe, node_rank: int, hostnames: List[str], job_id: str, stop: Op
             # Blocked and taken by a thread, not caught by handlers: ray.init installs SIGTERM handlers of its own
             # (sys.exit, and a C++ crash reporter that aborts) that would kill us halfway through stopping.
             stop = signals.enter_context(stop_on(STOP_SIGNALS, taken_by_thread=True))
+        from ftlib.serve.vllm_engine import node_python, run_node_in_serve_env
+
+        python = node_python(recipe, node_rank)  # serve.engine=vllm: the node runs in the serving environment
+        if python is not None:
+            return run_node_in_serve_env(python, (recipe, node_rank, hostnames, job_id, None, time_limit_s), stop)
         _run(node_rank, HeadNode(recipe, hostnames, job_id) if node_rank == 0
              else WorkerNode(recipe, node_rank, hostnames, job_id), stop, time_limit_s)
 
@@ -247,7 +431,7 @@ class HeadNode:
         write_json(self.run.serve_head, {"job_id": self.job_id, "address": self.ray.address,
                                          "node": self.hostnames[0], "ray_token": ray_token}, mode=0o600)
 
-        os.environ.update(ray_auth_env(self.ray.token_file))  # this process is a driver of its cluster: same token
+        os.environ.update(ray_env(self.ray.token_file, self.ray.ports))  # a driver of its cluster: same settings
         import ray
         from ray import serve
 
