@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 DRY      := $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run)
 SETUP    := $(VENV)/.ftlib-setup
 
-.PHONY: setup demo test train preprocess serve show status logs cancel export eval report tensorboard tunnel \
+.PHONY: setup demo test train preprocess serve show status logs cancel export eval report tensorboard tunnel stage \
         schema bench clean
 
 include tests/cluster/cluster.mk
@@ -71,6 +71,9 @@ tensorboard: $(SETUP)                 ## TensorBoard over RUNS on loopback; prin
 
 tunnel: $(SETUP)                      ## the ssh -L line to RUN's endpoint [OPEN=1 runs it] [LOGIN_HOST=...]
 	$(FT) tunnel $(RUN) $(if $(LOGIN_HOST),--login-host $(LOGIN_HOST)) $(if $(OPEN),--open)
+
+stage: $(SETUP)                       ## fetch RECIPE's hub models and data sets into STAGE_DIR for offline nodes
+	$(FT) stage $(RECIPE) $(OVERRIDES) --into $(or $(STAGE_DIR),cache/hub)
 
 schema: $(SETUP)                      ## regenerate README.md's recipe reference from the schema
 	$(FT) schema --readme README.md

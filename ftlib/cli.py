@@ -14,6 +14,7 @@
     python -m ftlib tensorboard [RUNS]                   TensorBoard on loopback + the ssh -L line
     python -m ftlib tunnel RUN [--open]                  the ssh -L line to a serve job
     python -m ftlib shard RECIPE --index K --num-shards N   one preprocessing shard (slurm/preprocess.sbatch)
+    python -m ftlib stage RECIPE [--into DIR]            fetch hub models/data for offline nodes; a local recipe
     python -m ftlib schema                               the recipe reference (Markdown)
 
 `train`, `preprocess` and `serve` take --dry-run: print the sbatch scripts instead of submitting them.
@@ -218,6 +219,16 @@ def cmd_shard(args):
     print(run_shard(recipe, args.index, args.num_shards))
 
 
+def cmd_stage(args):
+    from ftlib.stage import hub_names, stage
+
+    recipe = _load(args.recipe, args.overrides)
+    if not hub_names(recipe):
+        print("[stage] every model, tokenizer and data source of the recipe is a local path already")
+    path = stage(recipe, Path(args.into))
+    print(f"staged recipe: {path}\nsubmit it from here (compute nodes may run offline): make train RECIPE={_rel(path)}")
+
+
 def cmd_schema(args):
     from ftlib.recipe import schema_reference, update_readme
 
@@ -279,6 +290,8 @@ def parser() -> argparse.ArgumentParser:
     s = add("shard", cmd_shard, help="one preprocessing shard")
     s.add_argument("--index", type=int, required=True)
     s.add_argument("--num-shards", type=int, required=True)
+    add("stage", cmd_stage, help="fetch the recipe's hub models and data sets for offline compute nodes").add_argument(
+        "--into", default="cache/hub", help="a folder every node sees (default: cache/hub)")
     add("schema", cmd_schema, recipe=False, help="the recipe reference").add_argument(
         "--readme", default=None, help="rewrite this README's recipe reference instead of printing it")
     return p

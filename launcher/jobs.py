@@ -29,6 +29,7 @@ from pathlib import Path
 import submitit
 
 from ftlib.rundir import use_private_files
+from ftlib.stage import check_offline
 
 
 def preprocess_shard(recipe, index: int, num_shards: int) -> str:
@@ -36,6 +37,7 @@ def preprocess_shard(recipe, index: int, num_shards: int) -> str:
     from ftlib.data.preprocess import run_shard
 
     use_private_files(recipe)
+    check_offline(recipe)
     return str(run_shard(recipe, index, num_shards))
 
 
@@ -47,6 +49,7 @@ class Train(submitit.helpers.Checkpointable):
 
     def __call__(self, recipe) -> str:
         use_private_files(recipe)
+        check_offline(recipe)
         use_gpus = recipe.resources.train.gpus_per_node > 0
         if not use_gpus:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -94,6 +97,7 @@ def serve_node(recipe) -> str:
     from ftlib.serve.cluster import run_node
 
     use_private_files(recipe)
+    check_offline(recipe)
     env = submitit.JobEnvironment()
     job_id = str(env.job_id)
     restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
