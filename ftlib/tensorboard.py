@@ -1,23 +1,40 @@
-"""`make tensorboard`: TensorBoard over every run, reachable from a laptop through an SSH tunnel.
+"""`make tensorboard`: TensorBoard over every run, reachable from a laptop through an SSH tunnel, readable only
+with a secret.
 
-    serve("runs")      starts TensorBoard on 127.0.0.1:<free port>, prints the URL and the `ssh -L` command,
-                       and waits; Ctrl-C or SIGTERM stops it and everything it started.
+    serve("runs")      starts TensorBoard on 127.0.0.1:<free port>, prints the URL with the secret and the `ssh -L`
+                       command, and waits; Ctrl-C or SIGTERM stops it and everything it started.
 
-TensorBoard listens on the loopback interface only, so on a shared login node nobody else can read your runs;
-the `ssh -L` forward is the way in. It runs over `--logdir <runs dir>`, which TensorBoard walks recursively, so
-runs started after TensorBoard (runs/<name>/tensorboard) appear by themselves; each is named `<name>/tensorboard`.
-TensorBoard runs in its own process group: stopping kills the group, i.e. TensorBoard and the data server it
-spawns, and TensorBoard's SIGTERM handler removes its own bookkeeping file, so nothing is left behind.
+What protects it. TensorBoard listens on the loopback interface only: nobody can reach it from another machine
+except through your `ssh -L` forward. But every user logged in on the same node can reach loopback ports, so
+loopback alone does not keep your runs to yourself. Each TensorBoard therefore has a secret (32 random bytes,
+new each time) and answers nothing without it (401; 403 for a wrong one): the first visit to
+`http://localhost:<port>/?token=<secret>` sets an HttpOnly, SameSite=Strict cookie and redirects to the page;
+scripts may send `Authorization: Bearer <secret>`. The check runs inside TensorBoard's own HTTP server (a WSGI
+guard around its app), so there is no unguarded port behind it, and TensorBoard's fast data server (an
+unauthenticated gRPC port on loopback) is not started (--load_fast=false: runs load in TensorBoard's process,
+slower for very large logdirs). The secret reaches TensorBoard on its stdin, never on a command line (`ps` shows
+those to everyone) or in its environment, and is printed only to your terminal. Not covered: root on that node,
+and anyone who can read your terminal; the cookie is sent to every port of localhost in your browser (cookies do
+not tell ports apart), so do not browse untrusted local services in the same browser profile while it runs.
+
+It runs over `--logdir <runs dir>`, which TensorBoard walks recursively, so runs started after TensorBoard
+(runs/<name>/tensorboard) appear by themselves; each is named `<name>/tensorboard`. TensorBoard runs in its own
+process group: stopping kills the group, and TensorBoard's SIGTERM handler removes its own bookkeeping file
+(which holds no secret), so nothing is left behind.
 """
 from __future__ import annotations
 
 import getpass
+import hmac
+import http.cookies
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +51,16 @@ class TensorBoard:
 
     process: subprocess.Popen
     port: int
+    token: str  # the secret: without it TensorBoard answers 401
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}/"
+
+    @property
+    def login_url(self) -> str:
+        """The address to open once (it sets the cookie); through the tunnel, `localhost` instead of 127.0.0.1."""
+        return f"{self.url}?token={self.token}"
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM the whole process group (TensorBoard exits cleanly on it); SIGKILL what is left after timeout_s."""
@@ -75,11 +98,15 @@ def start(runs_dir: str | os.PathLike, port: int | None = None, ready_timeout_s:
     if not runs_dir.is_dir():
         raise FileNotFoundError(f"runs directory not found: {runs_dir}")
     port = port or free_port()
-    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(runs_dir), "--host", HOST,
-               "--port", str(port)]
+    command = [sys.executable, "-m", "ftlib.tensorboard", BOARD, "--logdir", str(runs_dir), "--host", HOST,
+               "--port", str(port), "--load_fast=false"]
     # start_new_session: TensorBoard leads its own process group (killed as a whole on stop), and a Ctrl-C in the
     # terminal reaches only us, so the shutdown always goes through stop().
-    board = TensorBoard(subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL), port)
+    token = secrets.token_urlsafe(32)
+    process = subprocess.Popen(command, start_new_session=True, stdin=subprocess.PIPE)
+    process.stdin.write(f"{token}\n".encode())  # stdin, not argv or the environment: others can read argv
+    process.stdin.close()
+    board = TensorBoard(process, port, token)
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if stop is not None and stop.is_set():
@@ -89,7 +116,8 @@ def start(runs_dir: str | os.PathLike, port: int | None = None, ready_timeout_s:
             raise RuntimeError(f"TensorBoard exited with status {board.process.returncode} before answering on "
                                f"port {port} (its messages are above)")
         try:
-            with urllib.request.urlopen(board.url + "data/environment", timeout=2):
+            ask = urllib.request.Request(board.url + "data/environment", headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(ask, timeout=2):
                 return board
         except OSError:
             time.sleep(0.3)
@@ -121,9 +149,10 @@ def serve(runs_dir: str | os.PathLike = "runs") -> None:
             return
         try:
             print(f"\nTensorBoard over {Path(runs_dir).resolve()} ({len(runs)} runs: {', '.join(runs) or 'none yet'})")
-            print(f"  here:        {board.url}")
+            print(f"  here:        {board.login_url}")
             print(f"  from a laptop, run there:\n    {tunnel_command(board.port)}")
-            print(f"  then open    http://localhost:{board.port}/")
+            print(f"  then open    http://localhost:{board.port}/?token={board.token}")
+            print("  (the token is the secret that keeps other users of this node out: do not share it)")
             print("Ctrl-C stops it.", flush=True)
             while board.process.poll() is None and not stop.wait(0.5):
                 pass
@@ -135,5 +164,69 @@ def serve(runs_dir: str | os.PathLike = "runs") -> None:
             board.stop()
 
 
+# ----------------------------------------------------------------------------------------------------- the guard
+BOARD = "--board"  # `python -m ftlib.tensorboard --board <TensorBoard flags>`: the TensorBoard process itself
+COOKIE = "ftlib_tensorboard_{port}"
+
+
+def guard(app, token: str, cookie: str):
+    """A WSGI app that passes a request to `app` only if it carries the secret: the cookie `cookie`, or
+    `Authorization: Bearer <token>`. `?token=<token>` sets the cookie and redirects to the same page without it."""
+    expected = token.encode()
+
+    def matches(given: str) -> bool:
+        return hmac.compare_digest(given.encode(), expected)
+
+    def refuse(start_response, status: str, text: str):
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")])
+        return [text.encode()]
+
+    def guarded(environ, start_response):
+        query = urllib.parse.parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        given = [v for k, v in query if k == "token"]
+        if given:
+            if not matches(given[-1]):
+                return refuse(start_response, "403 Forbidden", "wrong token\n")
+            rest = urllib.parse.urlencode([(k, v) for k, v in query if k != "token"])
+            location = environ.get("PATH_INFO", "/") + (f"?{rest}" if rest else "")
+            start_response("303 See Other", [("Location", location), ("Cache-Control", "no-store"),
+                                             ("Set-Cookie", f"{cookie}={token}; HttpOnly; SameSite=Strict; Path=/")])
+            return [b""]
+        scheme, _, bearer = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        if scheme.lower() == "bearer" and matches(bearer.strip()):
+            return app(environ, start_response)
+        jar = http.cookies.SimpleCookie()
+        try:
+            jar.load(environ.get("HTTP_COOKIE", ""))
+        except http.cookies.CookieError:
+            pass
+        if cookie in jar and matches(jar[cookie].value):
+            return app(environ, start_response)
+        return refuse(start_response, "401 Unauthorized",
+                      "this TensorBoard needs its token: open the URL with ?token=... that make tensorboard printed\n")
+
+    return guarded
+
+
+def _board(argv) -> None:
+    """The TensorBoard process: TensorBoard's own main, its HTTP server wrapped in `guard`; the secret on stdin."""
+    token = sys.stdin.readline().strip()
+    if not token:
+        sys.exit("ftlib.tensorboard --board: no token on stdin")
+    from absl import app as absl_app
+    from tensorboard import default, main_lib, program
+
+    class GuardedServer(program.WerkzeugServer):
+        def __init__(self, wsgi_app, flags):
+            super().__init__(guard(wsgi_app, token, COOKIE.format(port=flags.port)), flags)
+
+    main_lib.global_init()
+    board = program.TensorBoard(plugins=default.get_plugins(), server_class=GuardedServer)
+    absl_app.run(board.main, argv=["tensorboard", *argv], flags_parser=board.configure)
+
+
 if __name__ == "__main__":
-    serve(sys.argv[1] if len(sys.argv) > 1 else "runs")
+    if sys.argv[1:2] == [BOARD]:
+        _board(sys.argv[2:])
+    else:
+        serve(sys.argv[1] if len(sys.argv) > 1 else "runs")

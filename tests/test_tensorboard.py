@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -29,8 +30,10 @@ def write_run(runs_dir, name):
     writer.close()
 
 
-def get_json(url):
-    with urllib.request.urlopen(url, timeout=10) as response:
+def get_json(url, token):
+    """GET with TensorBoard's secret (see tests/test_security_tensorboard.py for what happens without it)."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
 
@@ -70,13 +73,14 @@ def test_start_lists_runs_and_tags_on_loopback_then_stop_leaves_nothing(tmp_path
         # Runs appear as they are discovered (TensorBoard loads in the background).
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            tags = get_json(board.url + "data/plugin/scalars/tags")
+            tags = get_json(board.url + "data/plugin/scalars/tags", board.token)
             if len(tags) == 2:
                 break
             time.sleep(0.5)
-        assert sorted(get_json(board.url + "data/runs")) == ["alpha/tensorboard", "beta/tensorboard"]
+        assert sorted(get_json(board.url + "data/runs", board.token)) == ["alpha/tensorboard", "beta/tensorboard"]
         assert set(tags["alpha/tensorboard"]) == {"train/loss", "train/tokens_per_second", "eval/loss"}
-        scalars = get_json(board.url + "data/plugin/scalars/scalars?run=alpha/tensorboard&tag=train/loss")
+        scalars = get_json(board.url + "data/plugin/scalars/scalars?run=alpha/tensorboard&tag=train/loss",
+                           board.token)
         assert [(step, value) for _, step, value in scalars] == [(5, pytest.approx(0.6)), (10, pytest.approx(0.3))]
     finally:
         board.stop()
@@ -100,10 +104,11 @@ def test_serve_prints_the_tunnel_and_stops_cleanly(tmp_path, how):
             if "Ctrl-C stops it" in line:
                 break
         out = "".join(lines)
-        port = int(re.search(r"here: +http://127\.0\.0\.1:(\d+)/", out).group(1))
+        port, token = re.search(r"here: +http://127\.0\.0\.1:(\d+)/\?token=(\S+)", out).groups()
         assert re.search(rf"ssh -N -L {port}:127\.0\.0\.1:{port} \S+@\S+", out), out
+        assert f"then open    http://localhost:{port}/?token={token}" in out
         assert "1 runs: demo" in out
-        assert get_json(f"http://127.0.0.1:{port}/data/runs") == ["demo/tensorboard"]
+        assert get_json(f"http://127.0.0.1:{port}/data/runs", token) == ["demo/tensorboard"]
         children = psutil.Process(proc.pid).children(recursive=True)
         assert children, "TensorBoard is not running under serve()"
 
@@ -116,8 +121,9 @@ def test_serve_prints_the_tunnel_and_stops_cleanly(tmp_path, how):
     assert "stopping TensorBoard" in rest
     assert not wait_gone(children), "a TensorBoard process outlived serve()"
     assert not any(info_files(c.pid) for c in children)
-    with pytest.raises(OSError):
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=2)
+    with pytest.raises(urllib.error.URLError) as gone:
+        get_json(f"http://127.0.0.1:{port}/data/runs", token)
+    assert isinstance(gone.value.reason, ConnectionRefusedError)
 
 
 def test_missing_runs_dir_is_one_clear_error(tmp_path):
