@@ -304,3 +304,27 @@ def test_stopping_leaves_no_token_and_no_folder_behind(job):
     assert ray_processes(f"{job.id}-0") == []
     assert not token.exists() and not job.temp_dir.exists()
     assert not token.parent.exists(), f"{token.parent} is left behind"
+
+
+def test_metrics_asked_for_are_served_from_the_jobs_block(monkeypatch):
+    """FTLIB_RAY_METRICS=1 (for a site's Prometheus): Ray's three Prometheus endpoints answer, on ports of the
+    node's block, and nothing listens outside it (by default they are off: the test above)."""
+    monkeypatch.setenv(cluster.METRICS_ENV, "1")
+    node = cluster.RayNode(f"metrics{time.time_ns() % 10**6}", 0, "127.0.1.1", "b" * 64)
+    try:
+        node.wait_until_listening(timeout_s=120)
+        p, block = node.ports, range(node.ports.first, node.ports.first + cluster.BLOCK)
+        wanted = {p.metrics: "agent", p.dashboard_metrics: "dashboard", p.autoscaler_metrics: "autoscaler"}
+        deadline, found = time.monotonic() + 60, set()
+        while time.monotonic() < deadline and not set(wanted) <= {port for *_, port in found}:
+            time.sleep(1)
+            ray = psutil.Process(node.process.pid)
+            found = listeners([ray, *ray.children(recursive=True)])
+        assert set(wanted) <= {port for *_, port in found}, (wanted, sorted(found))
+        assert [f for f in found if f[3] not in block] == []
+        for port, who in wanted.items():
+            status = http_statuses(node.ip, port)["/metrics"]
+            assert status == 200, f"{who} metrics on {port}: {status}"
+    finally:
+        node.stop()
+    assert not node.dir.path.exists()
