@@ -61,6 +61,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional
 
+from ftlib.errors import UserError
 from ftlib.rundir import RunDir, read_json, write_atomic, write_json
 from ftlib.stopping import stop_on, unblock
 
@@ -81,8 +82,8 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- private files
-class UnsafeDirectory(RuntimeError):
-    """A folder we would keep tokens or locks in is not safely ours (one line, for the user)."""
+class UnsafeDirectory(UserError, RuntimeError):
+    """A folder we would keep tokens or locks in is not safely ours (the CLI prints its one line)."""
 
 
 def private_dir(path: Path) -> Path:
