@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.test_serve import call, ray_processes, serve_recipe
@@ -65,6 +66,10 @@ def test_two_clusters_of_two_nodes_share_one_host(tmp_path):
             # Both nodes' replicas answer: the cluster really spans the two nodes.
             seen = {call(ep["url"] + "/health")[1]["node_id"] for _ in range(30)}
             assert len(seen) == 2, seen
+        # Every process of every node, to check after stopping: FTLIB_RAY_NODE in the environment alone misses
+        # Ray's agents, whose process titles overwrite it.
+        started = [c for p in nodes.values() for c in psutil.Process(p.pid).children(recursive=True)]
+        assert any("DashboardAgent" in c.name() for c in started)
     finally:
         for p in nodes.values():
             p.send_signal(signal.SIGTERM)
@@ -73,6 +78,7 @@ def test_two_clusters_of_two_nodes_share_one_host(tmp_path):
             for log in logs:
                 print(f"----- {log.name}\n{log.read_text()[-3000:]}")
     assert codes == {key: 0 for key in nodes}
+    assert [c for c in started if c.is_running() and c.status() != psutil.STATUS_ZOMBIE] == []
     for name, r in recipes.items():
         assert not (Path(r.run.dir) / "endpoint.json").exists()
         for rank in (0, 1):
