@@ -1,9 +1,10 @@
 """`make export RUN=...`: the base model with the LoRA adapter merged in, as one ordinary model in merged/.
 
 The adapter comes from adapter/ (written at the end of training); when a run has no adapter yet (stopped early,
-or only checkpoints were copied), it comes from the latest complete checkpoint: ZeRO checkpoints (stages 1-3) are
-consolidated from every rank's shards with DeepSpeed's zero_to_fp32 (the fp32 master weights); others carry the
-adapter files the Trainer saved in them. The merge happens on an unquantized base in `model.dtype`: merging
+or only checkpoints were copied), it comes from the latest complete checkpoint whose files match its marker (a
+damaged newer one is skipped, with a line saying which file; see ftlib.checkpoints): ZeRO checkpoints (stages
+1-3) are consolidated from every rank's shards with DeepSpeed's zero_to_fp32 (the fp32 master weights); others
+carry the adapter files the Trainer saved in them. The merge happens on an unquantized base in `model.dtype`: merging
 into 8-/4-bit weights would round the adapter away. merged/ is written to a temporary folder and renamed.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ftlib import checkpoints
+from ftlib import checkpoints, progress
 from ftlib.errors import UserError
 from ftlib.rundir import RunDir, publish_dir
 
@@ -43,10 +44,14 @@ def _with_adapter(base, recipe, run: RunDir):
 
     if run.training_done:
         return PeftModel.from_pretrained(base, str(run.adapter))
-    checkpoint = checkpoints.latest_complete(run.checkpoints)
+    checkpoint, damaged = checkpoints.newest_intact(run.checkpoints)
+    if checkpoint is None and damaged:
+        raise UserError(f"{run.root}: no adapter/ and {checkpoints.nothing_intact(damaged, 'to export')}")
     if checkpoint is None:
         raise FileNotFoundError(f"{run.root}: nothing to export: no adapter/ and no complete checkpoint in "
                                 f"{run.checkpoints}")
+    for bad, why in damaged:
+        progress.logger("export").info(f"{bad} is damaged: {why}; exporting {checkpoint.name} instead")
     if not any(checkpoint.glob("global_step*/*zero_pp_rank_*")):
         # Not a ZeRO checkpoint (DDP, or ZeRO stage 0): the Trainer saved the adapter itself in the checkpoint.
         return PeftModel.from_pretrained(base, str(checkpoint))

@@ -10,7 +10,10 @@ What one call does, top to bottom:
   3. writes the DeepSpeed JSON generated from the recipe (or a copy of deepspeed.config_file) to the run directory;
   4. loads data, tokenizer and model (+ quantization + LoRA), builds the Trainer;
   5. resumes from the latest COMPLETE checkpoint in the run directory, if any (model, optimizer, scheduler, RNG,
-     data position: the loss trajectory continues exactly);
+     data position: the loss trajectory continues exactly), once rank 0 has checked its files against the sizes and
+     sha256 its marker recorded: a damaged one is moved aside (one line naming it and the file) for the one before;
+     with none intact, every rank stops (DamagedCheckpoint) instead of training on it. A checkpoint of the last
+     step gives the adapter directly (resuming there would train a step past max_steps);
   6. trains. After every optimizer step the ranks agree (all-reduce) whether any of them got a signal; if so they
      all save a complete checkpoint of this step and stop -> returns "interrupted" (the launcher requeues; the next
      call resumes by itself);
@@ -71,14 +74,20 @@ def _train(recipe, env: DistEnv, run: RunDir, stop: Stop) -> str:
     if run.training_done:
         say(f"already trained: {run.adapter} exists; nothing to do")
         return "completed"
+    refusal: Optional[UserError] = None
     if env.rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
         for p in checkpoints.remove_incomplete(run.checkpoints):
             say(f"removed incomplete checkpoint {p.name} (no {checkpoints.MARKER} marker)")
+        try:  # checks the newest complete checkpoint against its marker; moves damaged ones aside
+            for note in checkpoints.resume_point(run.checkpoints)[1]:
+                say(note)
+        except checkpoints.DamagedCheckpoint as e:
+            refusal = e
         if recipe.deepspeed.enabled:
             write_json(run.deepspeed, deepspeed_config(recipe, env.world_size))
-    barrier()  # the DeepSpeed JSON exists, and no rank looks at a checkpoint rank 0 is removing
-    resume = checkpoints.latest_complete(run.checkpoints)
+    barrier()  # the DeepSpeed JSON exists, and no rank looks at a checkpoint rank 0 is removing or moving aside
+    resume = checkpoints.latest_complete(run.checkpoints)  # on every rank: rank 0's choice
 
     tokenizer = load_tokenizer(recipe)
     train_ds, eval_ds = load_splits(recipe)
@@ -90,6 +99,18 @@ def _train(recipe, env: DistEnv, run: RunDir, stop: Stop) -> str:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend())  # adopts the group joined above (ZeRO-3 init needs it)
+    if all_ranks_any(refusal is not None, device=args.device):  # every rank stops, none waits for the others
+        raise refusal or UserError(f"rank {env.rank}: not training: rank 0 found no intact checkpoint to resume "
+                                   f"from (its log says which file is damaged)")
+    if resume is not None and _finished_at(recipe, resume):
+        # The run ended at this checkpoint but the adapter was never written: take it from the checkpoint. Resuming
+        # would make the Trainer run one step past max_steps.
+        if env.rank == 0:
+            publish_adapter_from(resume, run)
+        barrier()
+        say(f"training had finished at {resume.name} (train.max_steps={recipe.train.max_steps}); adapter written "
+            f"from it to {run.adapter}")
+        return "completed"
     transformers.set_seed(recipe.run.seed)  # LoRA initialisation
     model = load_model(recipe, for_training=True)
     if env.rank == 0:
@@ -260,7 +281,7 @@ class LoraTrainer(Trainer):
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         barrier()  # every rank has written its shards and RNG state
         if self.args.should_save:
-            checkpoints.mark_complete(folder, self.state.global_step)
+            checkpoints.mark_complete(folder, self.state.global_step)  # sizes and sha256 of every file
             checkpoints.rotate(folder.parent, self.keep_checkpoints)
         self._paused += time.monotonic() - started
 
@@ -288,6 +309,23 @@ def save_adapter(trainer: Trainer, run: RunDir, env: DistEnv) -> None:
         (partial / "training_args.bin").unlink(missing_ok=True)  # the Trainer's extra, not part of an adapter
         publish_dir(partial, run.adapter)
     barrier()
+
+
+def _finished_at(recipe, checkpoint: Path) -> bool:
+    """The checkpoint is of the run's last step (train.max_steps) and holds the adapter. (Epoch-based runs end on an
+    epoch boundary, where the Trainer itself trains no further.)"""
+    steps = recipe.train.max_steps
+    return 0 < steps <= checkpoints.step_of(checkpoint) and bool(checkpoints.adapter_files(checkpoint))
+
+
+def publish_adapter_from(checkpoint: Path, run: RunDir) -> None:
+    """adapter/ from the adapter files saved in a checkpoint (the same files save_adapter writes at that step)."""
+    partial = run.root / "adapter.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for f in checkpoints.adapter_files(checkpoint):
+        shutil.copy2(f, partial / f.name)
+    publish_dir(partial, run.adapter)
 
 
 # ----------------------------------------------------------------------------------------------------- signals

@@ -438,3 +438,157 @@ def test_stop_signals_only_raise_a_flag_and_restore_the_previous_handlers():
         assert signal.getsignal(signal.SIGUSR1) is previous
     finally:
         signal.signal(signal.SIGUSR1, old)
+
+
+# ----------------------------------------------------------------------------------------------------- damaged
+# checkpoints and exact resume under ZeRO-3 + packing and with a quantized base
+def scalars_of_last_attempt(run_dir, tag: str) -> dict:
+    """{step: value} of a scalar as written by the newest TensorBoard events file only: what the last launch itself
+    logged (scalars() merges all attempts, so an old attempt's values could stand in for steps the last one never
+    logged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    newest = max(RunDir(run_dir).tensorboard.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns)
+    acc = EventAccumulator(str(newest), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)} if tag in acc.Tags()["scalars"] else {}
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+CURVES = ("train/loss", "train/grad_norm", "train/learning_rate", "eval/loss")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_zero3_packed_resume_falls_back_past_a_garbled_checkpoint_and_reproduces_the_run(tmp_path, caplog):
+    """ZeRO-3 with packed sequences: one byte of rank 1's optimizer state in the newest complete checkpoint is
+    flipped (same size). The rerun says so in one line, falls back to the checkpoint before, and its steps after it
+    equal the uninterrupted run's, step for step."""
+    recipe = make(tmp_path, *TINY, "deepspeed.zero_stage=3", "data.packing=true", "data.sequence_len=128",
+                  "train.max_steps=6", "train.save_steps=3", "train.eval_steps=3", "train.save_total_limit=2")
+    preprocess(recipe)
+    run = RunDir.of(recipe)
+    assert Ranks(recipe).finish() == {0: "completed", 1: "completed"}
+    uninterrupted = {tag: scalars(run.root, tag) for tag in CURVES}
+    assert sorted(uninterrupted["train/loss"]) == list(range(1, 7)) and sorted(uninterrupted["eval/loss"]) == [3, 6]
+
+    last, before = run.checkpoints / "checkpoint-6", run.checkpoints / "checkpoint-3"
+    bad = "global_step6/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    size = (last / bad).stat().st_size
+    flip_byte(last / bad)
+    assert (last / bad).stat().st_size == size
+    final_weights = (run.adapter / "adapter_model.safetensors").read_bytes()
+    shutil.rmtree(run.adapter)  # as if the job had died before the end
+
+    again = Ranks(recipe)
+    assert again.finish() == {0: "completed", 1: "completed"}
+    log = again.log(0)
+    damage = [line for line in log.splitlines() if "is damaged" in line]
+    assert len(damage) == 1 and damage[0].endswith(
+        f"{last} is damaged: {bad} does not match the sha256 recorded when it was saved (same size, different "
+        f"content); moved to checkpoint-6.damaged, resuming from checkpoint-3"), log[-3000:]
+    assert f"resuming from {before} (step 3)" in log
+    for tag in CURVES:
+        resumed = scalars_of_last_attempt(run.root, tag)
+        assert resumed == {s: v for s, v in uninterrupted[tag].items() if s > 3}, tag  # steps 4-6, exactly
+        assert scalars(run.root, tag) == uninterrupted[tag], tag
+    assert checkpoints.verify(last) is None and (run.checkpoints / "checkpoint-6.damaged" / bad).is_file()
+    assert (run.adapter / "adapter_model.safetensors").read_bytes() == final_weights
+
+    # Killed after the last checkpoint but before the adapter: the rerun takes the adapter from checkpoint-6
+    # instead of resuming, which made the Trainer train a step 7 of 6.
+    written = {p.name: p.read_bytes() for p in run.adapter.iterdir()}
+    shutil.rmtree(run.adapter)
+    events = sorted(run.tensorboard.iterdir())
+    third = Ranks(recipe)
+    assert third.finish() == {0: "completed", 1: "completed"}
+    assert f"training had finished at checkpoint-6 (train.max_steps=6); adapter written from it to {run.adapter}" \
+        in third.log(0), third.log(0)[-3000:]
+    assert "step 7/6" not in third.log(0) and sorted(run.tensorboard.iterdir()) == events
+    assert {p.name: p.read_bytes() for p in run.adapter.iterdir()} == written  # the files save_adapter writes
+
+    # Export without adapter/ takes the newest intact checkpoint as well (and moves nothing).
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ftlib.export import export
+
+    shutil.rmtree(run.adapter)
+    flip_byte(last / "global_step6/zero_pp_rank_0_mp_rank_00_optim_states.pt")  # the fp32 weights export reads
+    with caplog.at_level("INFO", logger="ftlib.export"):
+        merged = AutoModelForCausalLM.from_pretrained(str(export(recipe)))
+    assert (f"{last} is damaged: global_step6/zero_pp_rank_0_mp_rank_00_optim_states.pt does not match the sha256 "
+            f"recorded when it was saved (same size, different content); exporting checkpoint-3 instead") \
+        in caplog.text
+    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path), str(before))
+    torch.testing.assert_close(logits(merged), logits(expected), atol=1e-4, rtol=1e-4)
+    assert checkpoints.latest_complete(run.checkpoints) == last
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_4bit_base_resume_falls_back_past_a_truncated_adapter_file_and_stops_when_nothing_is_intact(tmp_path):
+    """QLoRA (4-bit nf4 base) under ZeRO-3, 2 ranks: the newest checkpoint's adapter weights cut short -> the
+    rerun resumes from the one before and reproduces the run exactly. Then with every checkpoint damaged, both ranks
+    stop at once with the one-line reason and train nothing."""
+    recipe = make(tmp_path, *TINY, "deepspeed.zero_stage=3", "model.quantization=4bit", "model.quant_type=nf4",
+                  "model.compute_dtype=float32", "data.sequence_len=128", "train.max_steps=4", "train.save_steps=2",
+                  "train.eval_steps=2", "train.save_total_limit=2")
+    preprocess(recipe)
+    run = RunDir.of(recipe)
+    assert Ranks(recipe).finish() == {0: "completed", 1: "completed"}
+    uninterrupted = {tag: scalars(run.root, tag) for tag in CURVES}
+    assert sorted(uninterrupted["train/loss"]) == [1, 2, 3, 4]
+
+    last, before = run.checkpoints / "checkpoint-4", run.checkpoints / "checkpoint-2"
+    weights = last / "adapter_model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: size // 2])
+    shutil.rmtree(run.adapter)
+    again = Ranks(recipe)
+    assert again.finish() == {0: "completed", 1: "completed"}
+    log = again.log(0)
+    assert (f"{last} is damaged: adapter_model.safetensors is {size // 2:,} bytes, {size:,} when it was saved "
+            f"(truncated); moved to checkpoint-4.damaged, resuming from checkpoint-2") in log, log[-3000:]
+    for tag in CURVES:
+        assert scalars_of_last_attempt(run.root, tag) == {s: v for s, v in uninterrupted[tag].items() if s > 2}, tag
+
+    # Nothing intact left: the newest checkpoint cut short, the one before garbled.
+    shutil.rmtree(run.adapter)
+    state = last / "trainer_state.json"
+    state.write_bytes(state.read_bytes()[:10])
+    flip_byte(before / "adapter_model.safetensors")
+    events = sorted(run.tensorboard.iterdir())
+    stopped = Ranks(recipe)
+    for rank, p in stopped.procs.items():
+        assert p.wait(120) != 0, stopped.log(rank)[-3000:]
+    reason = (f"{last} is damaged: trainer_state.json is 10 bytes, {size_of(state, last)} when it was saved "
+              f"(truncated); no intact earlier checkpoint to resume from (checkpoint-2 is damaged too: "
+              f"adapter_model.safetensors does not match the sha256 recorded when it was saved (same size, different "
+              f"content)); not training on it: restore the files, or delete {run.checkpoints} to train from the start")
+    assert f"DamagedCheckpoint: {reason}" in stopped.log(0), stopped.log(0)[-3000:]
+    assert "UserError: rank 1: not training: rank 0 found no intact checkpoint to resume from" in stopped.log(1), \
+        stopped.log(1)[-3000:]
+    assert "step 1/4" not in stopped.log(0) and sorted(run.tensorboard.iterdir()) == events
+    assert [p.name for p in checkpoints.complete_checkpoints(run.checkpoints)] == ["checkpoint-2", "checkpoint-4"]
+
+    import re
+
+    from ftlib.export import export
+
+    nothing = reason.split("; not training")[0].replace("to resume from", "to export")
+    with pytest.raises(UserError, match=f"^{re.escape(f'{run.root}: no adapter/ and {nothing}')}$"):
+        export(recipe)
+    assert not run.merged.exists()
+
+
+def size_of(path: Path, checkpoint: Path) -> str:
+    """A file's size as its checkpoint's marker recorded it, in the messages' format."""
+    marker = json.loads((checkpoint / checkpoints.MARKER).read_text())
+    return f"{marker['files'][path.relative_to(checkpoint).as_posix()]['bytes']:,}"
