@@ -11,7 +11,7 @@
     python -m ftlib report RUN                           report.md + plots in the run directory
     python -m ftlib eval RUN [--data file.jsonl]         held-out loss/perplexity, base vs adapter
     python -m ftlib export RUN                           merged full model in RUN/merged
-    python -m ftlib tensorboard [RUNS]                   TensorBoard on loopback + the ssh -L line
+    python -m ftlib tensorboard [RUNS]                   TensorBoard on loopback behind a secret + the ssh -L line
     python -m ftlib tunnel RUN [--open]                  the ssh -L line to a serve job
     python -m ftlib shard RECIPE --index K --num-shards N   one preprocessing shard (slurm/preprocess.sbatch)
     python -m ftlib stage RECIPE [--into DIR]            fetch hub models/data for offline nodes; a local recipe

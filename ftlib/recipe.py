@@ -315,10 +315,17 @@ class StageResources:
     mem_gb: Optional[float] = opt(None, "Memory per node in GB (default: the cluster's default).")
     exclusive: bool = opt(False, "Whole nodes only (--exclusive).")
     array_parallelism: int = opt(64, "Array stage: at most this many tasks at once.")
+    max_requeues: int = opt(20, "Times a job stopped by its time limit is requeued to continue where it stopped "
+                            "(training checkpoints first); preemptions do not count.")
+    stop_signal_s: int = opt(90, "Seconds before the time limit that Slurm signals the job (USR2), for training to "
+                             "save a checkpoint and be requeued; allow for a slow filesystem.")
 
     def __post_init__(self):
         if self.nodes < 1 or self.tasks_per_node < 1 or self.cpus_per_task < 1 or self.time_min < 1:
             raise Invalid(self, None, "nodes, tasks_per_node, cpus_per_task and time_min must be at least 1")
+        if not 10 <= self.stop_signal_s < self.time_min * 60:
+            raise Invalid(self, "stop_signal_s", f"must be at least 10 and below time_min × 60 = {self.time_min * 60}"
+                          f", got {self.stop_signal_s}")
 
 
 class GpuRequest(Choice):

@@ -102,7 +102,8 @@ class Slurm:
         dependency = after.afterok if after else None
         if stage.before:
             stage.before(recipe)
-        ex = submitit.SlurmExecutor(folder=run.stage_logs(stage.name), max_num_timeout=3)
+        ex = submitit.SlurmExecutor(folder=run.stage_logs(stage.name),
+                                    max_num_timeout=stage.resources(recipe).max_requeues)
         ex.update_parameters(**slurm_parameters(recipe, stage, dependency))
         sub = _submit(ex, stage, recipe, todo, records.max_array_size() if stage.array else None)
         # Keep the script submitit generated (<folder>/<job id>_submission.sh) beside the run's other scripts.

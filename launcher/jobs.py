@@ -13,7 +13,7 @@ env/requirements.lock; recheck them when upgrading):
   - ftlib.train takes USR1/USR2/TERM itself while training (to checkpoint on every rank at a step boundary), so
     `Train` re-raises the signal on rank 0 afterwards to reach submitit's handler.
   - submitit counts a signal as a timeout when the job has run 80% of its time (or all but 10 minutes), and then
-    requeues at most `max_num_timeout` times (launcher.executors.Slurm); a preemption is not counted.
+    requeues at most `max_num_timeout` times (resources.<stage>.max_requeues); a preemption is not counted.
   - A requeued job starts again from the pickled DelayedSubmission, i.e. calls `Train()(recipe)` again; training
     resumes from its latest complete checkpoint by itself.
 """

@@ -22,6 +22,7 @@ def slurm_parameters(recipe, stage: Stage | str, dependency: Optional[str] = Non
         "ntasks_per_node": stage.tasks_per_node(recipe),
         "cpus_per_task": r.cpus_per_task,
         "array_parallelism": r.array_parallelism,
+        "signal_delay_s": r.stop_signal_s,
         "setup": list(site.setup),
         # One task dying (OOM, a signal, an exception) ends the whole step at once, rather than leaving the
         # others blocked in a collective until the time limit; `make status` then names the task that died first.

@@ -3,6 +3,7 @@ real HTTP, the official `openai` client. One endpoint serves the whole module (R
 import http.client
 import json
 import os
+import re
 import signal
 import stat
 import threading
@@ -356,9 +357,14 @@ def test_sigterm_stops_the_endpoint_and_leaves_nothing_behind(endpoint):
     run = Path(endpoint.recipe.run.dir)
     marker = f"{endpoint.job_id}-0"
     assert ray_processes(marker), "the test cannot see the Ray processes it should check"
+    # The node's private folder (token, Ray's temp dir), as its processes name it on their command lines.
+    cmdlines = b" ".join(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                         for pid in ray_processes(marker))
+    node_dirs = set(re.findall(rf"/tmp/ftlib-{os.getuid()}/n\w+", cmdlines.decode(errors="replace")))
+    assert len(node_dirs) == 1, node_dirs
     endpoint.process.send_signal(signal.SIGTERM)
     assert endpoint.process.wait(timeout=90) == 0
     assert ray_processes(marker) == []
     assert not (run / "endpoint.json").exists() and not (run / "serve_token").exists()
     assert not (run / "serve_head.json").exists()
-    assert not os.path.exists(f"/tmp/ftr-{marker}")
+    assert not os.path.exists(node_dirs.pop())  # with the token in it

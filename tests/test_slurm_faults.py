@@ -15,7 +15,7 @@ from ftlib.rundir import RunDir
 from launcher import launch, status
 from launcher.status import first_dead_task
 from tests.test_slurm import cluster, sacct, wait_for_jobs  # noqa: F401 (cluster: the session fixture)
-from tests.test_slurm_train import rank_log, two_node_recipe
+from tests.test_slurm_train import losses, rank_log, two_node_recipe
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -79,3 +79,29 @@ def test_a_dead_rank_ends_the_job_and_status_names_it(make_recipe, tmp_path, mod
         assert wait_for_jobs([again.job_id], timeout=420)[again.job_id] == "COMPLETED", status.status(run)
         assert "resuming from" in rank_log(run, 0), rank_log(run, 0)[-3000:]
         assert run.training_done
+
+
+@pytest.mark.timeout(900)
+def test_a_real_time_limit_checkpoints_requeues_and_finishes_exactly(make_recipe, tmp_path_factory):
+    """Not `scancel --signal`: the job's time limit (2 minutes) is shorter than its schedule (~2 minutes of steps
+    on top of ~35 s of start-up per attempt). Slurm signals it
+    stop_signal_s before the limit, every rank checkpoints, submitit requeues it, and over several attempts it
+    finishes with the loss trajectory of an uninterrupted run, step for step."""
+    schedule = ("data.sequence_len=128", "train.max_steps=24", "train.eval_steps=100", "train.save_steps=100",
+                "train.warmup_steps=2", "train.logging_steps=1", "resources.train.nodes=1",
+                "train.global_batch_size=8", "train.micro_batch_size=4")
+    limited = two_node_recipe(make_recipe, *schedule, "resources.train.time_min=2",
+                              "resources.train.stop_signal_s=45")
+    reference = make_recipe("run.launcher=slurm", "data.sources[0].max_rows=300", "serve.enabled=false",
+                            f"run.dir={tmp_path_factory.mktemp('reference') / 'run'}", *schedule)
+    (job,) = launch.submit(limited, ["train"])
+    (ref_job,) = launch.submit(reference, ["train"])
+    states = wait_for_jobs([job.job_id, ref_job.job_id], timeout=840)
+    run = RunDir.of(limited)
+    assert set(states.values()) == {"COMPLETED"}, (states, status.status(run))
+    attempts = [r["State"].split()[0] for r in sacct(job.job_id, "JobID", "State", duplicates=True)]
+    assert len(attempts) >= 2 and attempts[-1] == "COMPLETED" and set(attempts[:-1]) == {"REQUEUED"}, attempts
+    assert "stopped by SIGUSR2" in rank_log(run, 0) or "stop requested" in rank_log(run, 0)
+    interrupted, uninterrupted = losses(limited), losses(reference)
+    assert [s for s, _ in interrupted] == list(range(1, 25))
+    assert interrupted == uninterrupted
