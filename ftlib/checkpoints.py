@@ -10,14 +10,20 @@ reached the disk, a quota hit while copying a run, a bad disk) is found before i
 checks the newest complete checkpoint against its marker and falls back to the one before (moving the damaged one
 aside to `checkpoint-<step>.damaged`), or refuses to train when no intact one is left. Hashing costs ~0.65 s per GiB
 on one core (sha256 with SHA-NI), once when the marker is written and once at a resume.
+
+A disk that fills up (or a quota) while a checkpoint or a shard is written is reported in one line naming the folder
+and the free space (`no_space`), whatever library was writing (torch.save's error does not say ENOSPC).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -31,6 +37,10 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 class DamagedCheckpoint(UserError):
     """No intact complete checkpoint to resume from, though there are damaged ones: training must not start."""
+
+
+class NoSpace(UserError):
+    """The disk (or the quota) filled up while writing a checkpoint or a shard."""
 
 
 # ----------------------------------------------------------------------------------------------------- listing
@@ -209,3 +219,89 @@ def remove_incomplete(folder: Path) -> List[Path]:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
 
+
+# ----------------------------------------------------------------------------------------------------- disk full
+_ERRNO_TEXT = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded"}
+# How libraries that do not raise OSError say it (safetensors: "No space left on device (os error 28)").
+_TEXTS = (("No space left on device", errno.ENOSPC), ("os error 28", errno.ENOSPC), ("StorageFull", errno.ENOSPC),
+          ("Disk quota exceeded", errno.EDQUOT), ("os error 122", errno.EDQUOT), ("QuotaExceeded", errno.EDQUOT))
+PROBE_BYTES = 1 << 20
+
+
+def no_space(exc: BaseException, folder: Path, what: str) -> Optional[NoSpace]:
+    """If `exc` (raised while writing `what` into `folder`) came from a full disk or quota: the one-line error
+    "no space left on FOLDER: writing WHAT (N MiB free)". torch.save says only "unexpected pos ..." or "file write
+    failed", so when the exception does not say, a small probe file written into `folder` decides. None otherwise."""
+    if isinstance(exc, UserError):
+        return None
+    code = _errno_of(exc)
+    if code is None:
+        code = _probe(Path(folder))
+    if code is None:
+        return None
+    free = shutil.disk_usage(_existing(Path(folder))).free
+    where = "free" if code == errno.ENOSPC else "free on the filesystem"
+    return NoSpace(f"{_ERRNO_TEXT[code]} on {folder}: writing {what} ({human_size(free)} {where})")
+
+
+@contextlib.contextmanager
+def no_space_in_one_line(folder: Path, what: str):
+    """Turn a full disk or quota inside the block into NoSpace (see no_space); other errors pass unchanged."""
+    try:
+        yield
+    except Exception as e:
+        full = no_space(e, folder, what)
+        if full is None:
+            raise
+        raise full from e
+
+
+def _errno_of(exc: BaseException) -> Optional[int]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _ERRNO_TEXT:
+            return exc.errno
+        for text, code in _TEXTS:
+            if text in str(exc):
+                return code
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _probe(folder: Path) -> Optional[int]:
+    """ENOSPC/EDQUOT if a PROBE_BYTES file cannot be written (and flushed) in `folder`; else None."""
+    path = _existing(folder) / f".ftlib-space-probe-{socket.gethostname()}-{os.getpid()}"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as e:
+        return e.errno if e.errno in _ERRNO_TEXT else None
+    try:
+        data = memoryview(bytes(PROBE_BYTES))
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    except OSError as e:
+        return e.errno if e.errno in _ERRNO_TEXT else None
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    return None
+
+
+def _existing(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def human_size(n: float) -> str:
+    """1536 -> '1.5 KiB'; 12 * 2**20 -> '12 MiB'."""
+    if n < 1024:
+        return f"{int(n)} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            return f"{n:.3g} {unit}" if n < 100 else f"{n:,.0f} {unit}"
+    raise AssertionError  # unreachable

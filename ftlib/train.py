@@ -18,6 +18,8 @@ What one call does, top to bottom:
      all save a complete checkpoint of this step and stop -> returns "interrupted" (the launcher requeues; the next
      call resumes by itself);
   7. otherwise writes the adapter atomically to adapter/ -> returns "completed".
+A full disk or quota while a checkpoint is written fails every rank with one line (checkpoints.NoSpace: the folder,
+the checkpoint, the space left) and leaves no marker; the rerun resumes from the last complete checkpoint.
 """
 from __future__ import annotations
 
@@ -277,12 +279,16 @@ class LoraTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         started = time.monotonic()
-        super()._save_checkpoint(model, trial)
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        barrier()  # every rank has written its shards and RNG state
-        if self.args.should_save:
-            checkpoints.mark_complete(folder, self.state.global_step)  # sizes and sha256 of every file
-            checkpoints.rotate(folder.parent, self.keep_checkpoints)
+        # A full disk or quota on any rank: "no space left on <checkpoints>: writing checkpoint-N (... free)" and
+        # no marker. A rank whose peer died of it gets a broken connection instead; its probe of the disk finds the
+        # same. The rerun removes the partial folder and resumes from the last complete checkpoint.
+        with checkpoints.no_space_in_one_line(folder.parent, folder.name):
+            super()._save_checkpoint(model, trial)
+            barrier()  # every rank has written its shards and RNG state
+            if self.args.should_save:
+                checkpoints.mark_complete(folder, self.state.global_step)  # sizes and sha256 of every file
+                checkpoints.rotate(folder.parent, self.keep_checkpoints)
         self._paused += time.monotonic() - started
 
 

@@ -35,6 +35,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ftlib import progress
+from ftlib.checkpoints import no_space_in_one_line
 from ftlib.data import DataError
 from ftlib.data import formats
 from ftlib.data.sources import InvalidJSON, Part, list_files, location, read_part, shard_parts
@@ -157,18 +158,22 @@ def _done_markers(out: Path) -> Dict[int, Dict[int, Path]]:
 # ----------------------------------------------------------------------------------------------------- one shard
 def run_shard(recipe, index: int, num_shards: int) -> Path:
     """Tokenize shard `index` of `num_shards`; returns its directory. Raises DataError when more than
-    data.max_bad_fraction of its rows are malformed (then nothing is marked complete)."""
+    data.max_bad_fraction of its rows are malformed, and NoSpace ("no space left on DIR: writing SHARD (N MiB
+    free)") when the disk or quota fills up while it is written, after removing the partial shard; either way
+    nothing is marked complete, and a rerun redoes this shard only."""
     out = output_dir(recipe)
     name = shard_name(index, num_shards)
     final, marker = out / name, _marker(out, index, num_shards)
     tag = f"preprocess shard {index} of {num_shards}"
     if marker.exists():
         log.info(f"{tag}: already done ({final})")
-        _manifest_if_last(recipe, out, num_shards)
+        with no_space_in_one_line(out, "manifest.json"):
+            _manifest_if_last(recipe, out, num_shards)
         return final
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "fingerprint.json").exists():
-        write_json(out / "fingerprint.json", fingerprint_inputs(recipe))
+    with no_space_in_one_line(out, "fingerprint.json"):  # a full disk or quota: one line naming both
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "fingerprint.json").exists():
+            write_json(out / "fingerprint.json", fingerprint_inputs(recipe))
 
     from ftlib.model import load_tokenizer
 
@@ -191,23 +196,30 @@ def run_shard(recipe, index: int, num_shards: int) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # a progress bar is noise in a Slurm log; our own lines say enough
-    try:
-        table = shard.table()
-        # An empty shard still needs one (empty) file, or it cannot be loaded back.
-        # Naming the data set's fingerprint spares `datasets` hashing every row to make one up.
-        rows = datasets.Dataset(InMemoryTable(table), fingerprint=f"{out.name}-{name}")
-        rows.save_to_disk(str(tmp), num_shards=1 if table.num_rows == 0 else None)
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-    if marker.exists():  # another run of this shard finished first: keep its output
-        shutil.rmtree(tmp, ignore_errors=True)
-        return final
-    publish_dir(tmp, final)  # (replaces a folder left by a run killed between its rename and its marker)
-    stats["seconds"] = round(time.time() - started, 3)
-    write_json(marker, stats)
+    # A full disk or quota anywhere below: one line naming the folder and the space left (NoSpace), after the
+    # partial shard is removed, so the space is given back and nothing looks written.
+    with no_space_in_one_line(out, name):
+        try:
+            table = shard.table()
+            # An empty shard still needs one (empty) file, or it cannot be loaded back.
+            # Naming the data set's fingerprint spares `datasets` hashing every row to make one up.
+            rows = datasets.Dataset(InMemoryTable(table), fingerprint=f"{out.name}-{name}")
+            rows.save_to_disk(str(tmp), num_shards=1 if table.num_rows == 0 else None)
+            if marker.exists():  # another run of this shard finished first: keep its output
+                shutil.rmtree(tmp, ignore_errors=True)
+                return final
+            publish_dir(tmp, final)  # (replaces a folder left by a run killed between its rename and its marker)
+            stats["seconds"] = round(time.time() - started, 3)
+            write_json(marker, stats)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
     log.info(f"{tag}: done in {stats['seconds']:.1f} s: {_summary(stats)}")
-    _manifest_if_last(recipe, out, num_shards)
+    with no_space_in_one_line(out, "manifest.json"):
+        _manifest_if_last(recipe, out, num_shards)
     return final
 
 
