@@ -16,11 +16,11 @@ DRY      := $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run)
 SETUP    := $(VENV)/.ftlib-setup
 
 .PHONY: setup demo test train preprocess serve show status logs cancel export eval report tensorboard tunnel stage \
-        schema bench clean
+        schema bench clean load-adapter
 
 include tests/cluster/cluster.mk
 
-$(SETUP): env/requirements.lock env/setup.sh pyproject.toml
+$(SETUP): env/requirements.lock env/requirements-serve.lock env/setup.sh pyproject.toml
 	@env/setup.sh && touch $(SETUP)
 
 setup: $(SETUP)                       ## create/refresh the virtual environment (idempotent)
@@ -56,6 +56,9 @@ logs: $(SETUP)                        ## a stage's log: RUN=... [STAGE=train] [T
 
 cancel: $(SETUP)                      ## cancel a run's jobs
 	$(FT) cancel $(RUN)
+
+load-adapter: $(SETUP)                ## serve one more adapter from RUN's running endpoint: NAME=... ADAPTER=dir
+	$(FT) load-adapter $(RUN) $(NAME) $(ADAPTER)
 
 report: $(SETUP)                      ## report.md and plots in the run directory
 	$(FT) report $(RUN)

