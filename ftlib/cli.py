@@ -122,6 +122,23 @@ def _post(url: str, body, token: str):
         return json.loads(response.read())
 
 
+def cmd_load_adapter(args):
+    """Serve one more adapter from the running endpoint of RUN, by name, without a restart (POST /admin/adapters)."""
+    from ftlib.rundir import read_json
+
+    run = RunDir(Path(args.run))
+    endpoint = read_json(run.endpoint)
+    if not endpoint:
+        raise SystemExit(f"no running endpoint for {args.run} (no {run.endpoint}): make serve RUN={args.run}")
+    token = Path(endpoint["token_file"]).read_text().strip()
+    path = str(Path(args.path).expanduser().resolve())
+    try:
+        answer = _post(endpoint["url"] + "/admin/adapters", {"name": args.name, "path": path}, token)
+    except urllib.error.HTTPError as e:
+        raise SystemExit(f"refused ({e.code}): {json.loads(e.read())['error']['message']}")
+    print(f"[serve] {args.name} is served from {path}; models: {', '.join(answer['models'])}")
+
+
 def cmd_status(args):
     from ftlib.report import run_summaries
     from launcher.records import JobRecords
@@ -287,6 +304,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--stage", default="train", choices=["preprocess", "train", "serve"])
     s.add_argument("--task", type=int, default=0, help="array index (preprocess) or rank (train)")
     add("cancel", cmd_cancel, recipe=False, help="cancel a run's jobs").add_argument("run")
+    s = add("load-adapter", cmd_load_adapter, recipe=False, help="serve one more adapter from a running endpoint")
+    s.add_argument("run")
+    s.add_argument("name", help="the name clients ask for (model)")
+    s.add_argument("path", help="the adapter's folder (visible from the serve nodes)")
     s = add("shard", cmd_shard, help="one preprocessing shard")
     s.add_argument("--index", type=int, required=True)
     s.add_argument("--num-shards", type=int, required=True)

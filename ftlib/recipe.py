@@ -102,6 +102,11 @@ class DType(Choice):
     bfloat16 = "bfloat16"
 
 
+class ServeEngine(Choice):
+    vllm = "vllm"
+    hf = "hf"
+
+
 # "8bit" is not a Python name, so this one is built by name.
 Quantization = Choice("Quantization", [(v, v) for v in ("none", "8bit", "4bit")], module=__name__,
                       qualname="Quantization")
@@ -291,9 +296,19 @@ class ServeConfig:
     startup_timeout_s: int = opt(600, "Fail, naming the missing nodes, if the Ray nodes have not all joined and the "
                                  "app is not answering within this time.")
     dashboard: bool = opt(False, "Run Ray's dashboard (loopback only; costs about 1 GB of memory).")
+    engine: ServeEngine = opt(ServeEngine.vllm, "vllm: vLLM under Ray Serve's LLM library (continuous batching, "
+                              "multi-LoRA); hf: ftlib's batched HF generate. vllm falls back to hf, saying why, where "
+                              "it cannot run (e.g. a head size vLLM's CPU backend lacks).")
+    python: Optional[str] = opt(None, "serve.engine=vllm: the serving environment's Python (default: "
+                                ".venv-serve/bin/python of this checkout).", path=True)
+    max_lora_rank: Optional[int] = opt(None, "serve.engine=vllm: largest adapter rank (default: the largest of "
+                                       "lora.r and the served adapters').")
+    max_adapters: int = opt(8, "serve.engine=vllm: adapters held per replica (and per batch); more are swapped in.")
+    vllm_kv_cache_gb: int = opt(1, "serve.engine=vllm on CPU: KV cache per replica, GiB.")
 
     def __post_init__(self):
-        _positive(self, "max_batch_size", "replicas", "max_new_tokens", "default_max_new_tokens", "max_num_beams",
+        _positive(self, "max_batch_size", "replicas", "max_adapters", "vllm_kv_cache_gb", "max_new_tokens",
+                  "default_max_new_tokens", "max_num_beams",
                   "max_prompts_per_request", "max_concurrent_requests")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise Invalid(self, "default_max_new_tokens", f"exceeds serve.max_new_tokens ({self.max_new_tokens})")

@@ -40,7 +40,8 @@ import ray
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from ftlib.serve.engine import Completion, Generator, Job, Sampling
+from ftlib.serve.adapters import AdapterError, check_adapter, registry
+from ftlib.serve.engine import Completion, Generator, Job, Prompts, Sampling
 
 api = FastAPI(title="ftlib endpoint", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -261,6 +262,11 @@ class ChatRequest(GenerationFields):
         return self
 
 
+class AdapterRequest(Strict):
+    name: Text
+    path: Text
+
+
 # ----------------------------------------------------------------------------------------------------- bodies
 # The largest request body a replica reads (body_limit); a bigger one gets 413 before it is parsed. A body's bulk is
 # its prompts, and a prompt longer than the model's context is refused (400) anyway once tokenized. A token is ~4
@@ -335,8 +341,21 @@ AUTHORIZED = [Depends(authorize)]
 @serve.deployment
 @serve.ingress(api)
 class Endpoint:
-    def __init__(self, recipe, token_sha256: str):
-        self.generator = Generator(recipe)
+    def __init__(self, recipe, token_sha256: str, llm=None):
+        """`llm`: the handle of the vLLM deployment (serve.engine=vllm); without it this replica generates itself
+        (serve.engine=hf)."""
+        self.engine = "vllm" if llm is not None else "hf"
+        if llm is not None:
+            from ftlib.serve.vllm_engine import VllmBackend
+
+            self.generator = Prompts(recipe)
+            self.backend = VllmBackend(llm, self.generator.base_name, recipe, self.generator.adapters)
+        else:
+            self.generator = Generator(recipe)
+        self.recipe = recipe
+        self.base_path = recipe.model.name_or_path
+        self.adapters = registry(dict(self.generator.adapters))  # the job's served adapters (adapters.py)
+        self._served = dict(self.generator.adapters)  # {name: folder}: the registry's, as of this replica's last look
         self.limits = recipe.serve
         self.max_body_bytes = body_limit(recipe.serve, self.generator.context_length)
         self.token_sha256 = token_sha256  # the token itself never leaves the process that made it
@@ -349,6 +368,11 @@ class Endpoint:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # the recipe's values are set in __init__
     async def generate_batch(self, jobs: List[Job]) -> List[Completion]:
+        """serve.engine=hf: a batch of jobs through this replica's Generator."""
+        for name in {job.model for job in jobs} - set(self.generator.models):
+            # An adapter loaded at run time (POST /admin/adapters): into the model before its first batch.
+            # Batches run one at a time, so no generate call is under way.
+            await asyncio.to_thread(self.generator.add, name, self._served[name])
         self.stats["batches"] += 1
         self.stats["batched_prompts"] += len(jobs)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
@@ -363,33 +387,49 @@ class Endpoint:
     # ------------------------------------------------------------------------------------------- routes
     @api.get("/health")
     async def health(self):
-        return {"status": "ok", "models": self.generator.models, **self.where, **self.stats}
+        return {"status": "ok", "engine": self.engine, "models": self.models, **self.where, **self.stats}
 
     @api.get("/v1/models", dependencies=AUTHORIZED)
     async def list_models(self):
+        await self._refresh_adapters()
         return {"object": "list", "data": [{"id": name, "object": "model", "created": self.created,
-                                            "owned_by": "ftlib"} for name in self.generator.models]}
+                                            "owned_by": "ftlib"} for name in self.models]}
+
+    @api.post("/admin/adapters", dependencies=AUTHORIZED)
+    async def add_adapter(self, request: Request):
+        """Serve one more adapter from a local folder, by name, without a restart (every replica: adapters.py)."""
+        body = await self._parse(request, AdapterRequest)
+        max_rank = self.backend.max_lora_rank if self.engine == "vllm" else None
+        try:
+            await asyncio.to_thread(check_adapter, body.name, body.path, self.base_path, max_rank)
+        except AdapterError as e:
+            raise ApiError(400, str(e), param=str(e).split(":")[0]) from None
+        if body.name == self.generator.base_name or not await self.adapters.add.remote(body.name, body.path):
+            raise ApiError(409, f"name: {_excerpt(body.name)} is served already", param="name",
+                           code="adapter_exists")
+        await self._refresh_adapters()
+        return JSONResponse({"name": body.name, "path": body.path, "models": self.models}, status_code=201)
 
     @api.post("/", dependencies=AUTHORIZED)
     async def notebook(self, request: Request):
         items = (await self._parse(request, NotebookRequest)).root
         prompts = [(item, text) for item in items for text in item.texts]
         ids = await self._encode(self.generator.encode, [text for _, text in prompts])
-        jobs = [self._job(item, prompt_ids, "text") for (item, _), prompt_ids in zip(prompts, ids)]
-        done = await asyncio.gather(*(self.generate_batch(job) for job in jobs))
+        jobs = [await self._job(item, prompt_ids, "text") for (item, _), prompt_ids in zip(prompts, ids)]
+        done = await asyncio.gather(*(self._complete(job) for job in jobs))
         return [{"responses": text + c.text} for (_, text), c in zip(prompts, done)]
 
     @api.post("/v1/completions", dependencies=AUTHORIZED)
     async def completions(self, request: Request):
         body = await self._parse(request, CompletionRequest)
         ids = await self._encode(self.generator.encode, body.prompts)
-        jobs = [self._job(body, prompt_ids, "prompt") for prompt_ids in ids]
+        jobs = [await self._job(body, prompt_ids, "prompt") for prompt_ids in ids]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": jobs[0].model}
         if body.stream:
             return self._stream(jobs[0], lambda text, finish: {
                 **head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})
-        done = await asyncio.gather(*(self.generate_batch(job) for job in jobs))
+        done = await asyncio.gather(*(self._complete(job) for job in jobs))
         choices = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
                    for i, c in enumerate(done)]
         return {**head, "choices": choices, "usage": _usage(done)}
@@ -399,7 +439,7 @@ class Endpoint:
         body = await self._parse(request, ChatRequest)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         [prompt_ids] = await self._encode(self.generator.encode_chat, [messages])
-        job = self._job(body, prompt_ids, "messages")
+        job = await self._job(body, prompt_ids, "messages")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": job.model}
         if body.stream:
@@ -408,7 +448,7 @@ class Endpoint:
                 return {**head, "object": "chat.completion.chunk",
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             return self._stream(job, chunk, first_chunk=chunk("", None, first=True))
-        c = await self.generate_batch(job)
+        c = await self._complete(job)
         return {**head, "usage": _usage([c]), "choices": [{
             "index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}]}
 
@@ -429,14 +469,24 @@ class Endpoint:
         event loop must go on answering meanwhile (/health, the next requests, the streams)."""
         return await asyncio.to_thread(lambda: [encode(x) for x in inputs])
 
-    def _job(self, body: GenerationFields, prompt_ids: List[int], prompt_param: str) -> Job:
+    @property
+    def models(self) -> List[str]:
+        return [*self._served, self.generator.base_name]
+
+    async def _refresh_adapters(self) -> None:
+        """Learn the adapters loaded at run time (by any replica) from the job's registry."""
+        self._served.update(await self.adapters.all.remote())
+
+    async def _job(self, body: GenerationFields, prompt_ids: List[int], prompt_param: str) -> Job:
         """A generation job from a request's fields. The request models have checked them against the recipe's
         limits; what is left needs the model: its names, and its context length against the prompt's tokens."""
         gen = self.generator
-        model = body.model or gen.models[0]
-        if model not in gen.models:
-            raise ApiError(404, f"model: {_excerpt(model)} is not served here; the models are {', '.join(gen.models)}",
-                           param="model", code="model_not_found")
+        model = body.model or self.models[0]
+        if model not in self.models:
+            await self._refresh_adapters()
+        if model not in self.models:
+            raise ApiError(404, f"model: {_excerpt(model)} is not served here; the models are "
+                           f"{', '.join(self.models)}", param="model", code="model_not_found")
         room = gen.context_length - len(prompt_ids)
         if room <= 0:
             raise ApiError(400, f"{prompt_param}: the prompt has {len(prompt_ids)} tokens; this model's context is "
@@ -451,14 +501,39 @@ class Endpoint:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         return Job(prompt_ids, model, max_tokens, sampling, stop)
 
-    def _stream(self, job: Job, chunk, first_chunk=None) -> StreamingResponse:
-        """Server-sent events: the text as it is generated, then the finish reason, then [DONE]. `chunk(text,
-        finish_reason)` makes one event's JSON."""
+    async def _complete(self, job: Job) -> Completion:
+        if self.engine == "hf":
+            return await self.generate_batch(job)
+        from ftlib.serve.vllm_engine import EngineError
+
+        try:
+            return await self.backend.complete(job)
+        except EngineError as e:
+            raise ApiError(e.status, str(e), param=e.param,
+                           kind="invalid_request_error" if e.status < 500 else "server_error") from None
+
+    async def _pieces(self, job: Job):
+        """The job's text as it is generated (str pieces), then its Completion."""
+        if self.engine == "vllm":
+            async for piece in self.backend.stream(job):
+                yield piece
+            return
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         job.on_text = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
         task = asyncio.ensure_future(self.generate_batch(job))
+        while not (task.done() and pieces.empty()):
+            piece = asyncio.ensure_future(pieces.get())
+            await asyncio.wait({piece, task}, return_when=asyncio.FIRST_COMPLETED)
+            if piece.done():
+                yield piece.result()
+            else:
+                piece.cancel()
+        yield task.result()
 
+    def _stream(self, job: Job, chunk, first_chunk=None) -> StreamingResponse:
+        """Server-sent events: the text as it is generated, then the finish reason, then [DONE]. `chunk(text,
+        finish_reason)` makes one event's JSON."""
         def event(data) -> str:
             return f"data: {json.dumps(data)}\n\n"
 
@@ -466,21 +541,16 @@ class Endpoint:
             if first_chunk is not None:
                 yield event(first_chunk)
             sent = ""
-            while not (task.done() and pieces.empty()):
-                piece = asyncio.ensure_future(pieces.get())
-                await asyncio.wait({piece, task}, return_when=asyncio.FIRST_COMPLETED)
-                if piece.done():
-                    sent += piece.result()
-                    yield event(chunk(piece.result(), None))
-                else:
-                    piece.cancel()
             try:
-                c = task.result()
+                async for piece in self._pieces(job):
+                    if isinstance(piece, Completion):
+                        yield event(chunk(piece.text[len(sent):], piece.finish_reason))
+                    elif piece:
+                        sent += piece
+                        yield event(chunk(piece, None))
             except Exception as e:  # the status line has gone out already: report it in the stream
                 yield event({"error": {"message": f"generation failed: {e}", "type": "server_error",
                                        "param": None, "code": None}})
-            else:
-                yield event(chunk(c.text[len(sent):], c.finish_reason))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -501,4 +571,17 @@ def build_app(recipe, token: str):
                                          "target_ongoing_requests": s.max_batch_size}
     else:
         options["num_replicas"] = s.replicas
-    return Endpoint.options(**options).bind(recipe, hashlib.sha256(token.encode()).hexdigest())
+    token_sha256 = hashlib.sha256(token.encode()).hexdigest()
+    from ftlib.serve.vllm_engine import engine_for
+
+    if engine_for(recipe)[0] == "hf":
+        return Endpoint.options(**options).bind(recipe, token_sha256)
+    # vllm: this deployment is the ingress only (tokenizing, checks, routing); the LLM deployment, built by Ray
+    # Serve's LLM library, holds the model and does the batching (continuously), with its own replicas.
+    from ftlib.serve.vllm_engine import build_llm
+
+    prompts = Prompts(recipe)
+    llm = build_llm(recipe, prompts.base_name, prompts.adapters, prompts.context_length)
+    options["ray_actor_options"] = {"num_cpus": 0}  # takes no core from the engine (2-core nodes)
+    options["max_ongoing_requests"] = options["max_queued_requests"] = s.max_concurrent_requests * max(s.replicas, 1)
+    return Endpoint.options(**options).bind(recipe, token_sha256, llm)

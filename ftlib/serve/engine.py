@@ -91,24 +91,30 @@ def base_model_name(recipe) -> str:
     return Path(path).name if os.path.isabs(path) else path
 
 
-class Generator:
+class Prompts:
+    """What the ingress needs of the model whatever the engine: the served names, the tokenizer, the context length
+    and how a conversation becomes a prompt. No weights are loaded."""
+
     def __init__(self, recipe):
+        from transformers import AutoConfig
+
         self.tokenizer = load_tokenizer(recipe)
         self.adapters = served_adapters(recipe)
         self.base_name = base_model_name(recipe)
         if self.base_name in self.adapters:
             raise ValueError(f"adapter name {self.base_name!r} is also the base model's name; rename the adapter")
         self.models = [*self.adapters, self.base_name]  # the default (the run's adapter) first
-        self.model = load_for_inference(recipe, self.adapters)
-        self.device = next(self.model.parameters()).device
-        config = self.model.config
+        config = AutoConfig.from_pretrained(recipe.model.name_or_path,
+                                            trust_remote_code=recipe.model.trust_remote_code)
         self.context_length = getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
-        eos = self.model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = {i for i in eos + [self.tokenizer.eos_token_id] if i is not None}
         self.prompt_style = recipe.data.prompt_style
         templated = recipe.data.chat_template or any(s.format == "messages" for s in recipe.data.sources)
         self.render_chat = chat_renderer(self.tokenizer, recipe.data.chat_template) if templated else None
+
+    def add(self, name: str, path: str) -> None:
+        """Serve one more adapter (the base model's name stays last)."""
+        self.adapters[name] = path
+        self.models.insert(len(self.models) - 1, name)
 
     # ------------------------------------------------------------------------------------------- prompts
     def encode(self, text: str) -> List[int]:
@@ -123,6 +129,23 @@ class Generator:
         if self.render_chat is not None:
             return self.tokenizer(self.render_chat(messages, True), add_special_tokens=False)["input_ids"]
         return self.encode(alpaca_conversation(messages, self.prompt_style))
+
+
+class Generator(Prompts):
+    """Prompts, plus the model in this process (HF `generate`, PEFT for the adapters)."""
+
+    def __init__(self, recipe):
+        super().__init__(recipe)
+        self.model = load_for_inference(recipe, self.adapters)
+        self.device = next(self.model.parameters()).device
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {i for i in eos + [self.tokenizer.eos_token_id] if i is not None}
+
+    def add(self, name: str, path: str) -> None:
+        """Load one more adapter into the PEFT model. Call between generate calls (never during one)."""
+        self.model.load_adapter(path, adapter_name=name)
+        super().add(name, path)
 
     # ------------------------------------------------------------------------------------------- generation
     def generate(self, jobs: List[Job]) -> List[Completion]:
@@ -180,11 +203,24 @@ class Generator:
             if token in self.eos_ids:
                 ids, reason = ids[:k], "stop"
                 break
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self.decode_after(job.prompt_ids, ids)
         cuts = [text.find(s) for s in job.stop if s in text]
         if cuts:
             text, reason = text[:min(cuts)], "stop"
         return text, reason, len(ids)
+
+
+    def decode_after(self, prompt_ids: List[int], ids: List[int]) -> str:
+        """The text of `ids` as it continues the prompt. Decoded alone, a sentencepiece tokenizer drops the first
+        token's leading space ("Once upon a time" + "Bor" instead of " Bor"); decoded after the prompt's last tokens
+        it keeps it, as vLLM's incremental detokenizer does, so both engines give the same text."""
+        context = prompt_ids[-CONTEXT_TOKENS:]
+        head = self.tokenizer.decode(context, skip_special_tokens=True)
+        whole = self.tokenizer.decode(context + ids, skip_special_tokens=True)
+        return whole[len(head):] if whole.startswith(head) else self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+CONTEXT_TOKENS = 4  # prompt tokens decoded before the new ones (decode_after)
 
 
 class RowWatcher(StoppingCriteria):
