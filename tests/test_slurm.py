@@ -158,7 +158,10 @@ def test_dry_run_prints_every_script_in_order(tmp_path):
     assert "#SBATCH --dependency=afterok:<preprocess>" in text or "afterok:<preprocess>" in text
     assert sorted(p.name for p in (tmp_path / "run" / "sbatch").iterdir()) == [
         "preprocess.sbatch", "serve.sbatch", "train.sbatch"]
-    assert subprocess.run(["squeue", "-h", "-n", "demo-train"], capture_output=True, text=True).stdout == ""
+    # Nothing submitted: no job of mine runs a script of this run (other users' and tests' jobs share the queue).
+    queued = subprocess.run(["squeue", "-h", "-u", str(os.geteuid()), "-o", "%i %o"], capture_output=True, text=True,
+                            check=True).stdout
+    assert str(tmp_path) not in queued, queued
 
 
 def test_hand_submitted_array_matches_the_launcher(make_recipe, tmp_path):

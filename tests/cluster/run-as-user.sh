@@ -48,12 +48,25 @@ make_reachable "$ROOT"
 # The interpreter (a venv's python links to its base installation, e.g. under /root/.pyenv).
 if [[ -e $1 ]]; then make_reachable "$(dirname "$(readlink -f "$1")")"; fi
 
-# Everything in the checkout must be readable by the user (.git aside).
-unreadable=$(as_user find "$ROOT" -path "$ROOT/.git" -prune -o \( ! -readable -o -type d ! -executable \) \
-    -print 2>&1 | head -n 5) || true
-[[ -z $unreadable ]] || die "$USER_NAME cannot read these (and maybe more) in the checkout:
+# The checkout's files (tracked and untracked, not ignored: what the suite reads) and the virtual env must
+# be readable by the user. Ignored folders (cache/, runs/) may hold other users' private files: not checked.
+checkout_files() {
+    if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        git -C "$ROOT" ls-files -z --cached --others --exclude-standard
+    else
+        (cd "$ROOT" && find . -path ./.git -prune -o -path ./.venv -prune -o -type f -print0)
+    fi
+}
+# (Files that exist, as root sees it; then which of them the user cannot read.)
+unreadable=$(cd "$ROOT" && checkout_files | xargs -0 -r sh -c 'for f; do [ -e "$f" ] && printf "%s\0" "$f"; done' _ |
+    as_user xargs -0 -r sh -c 'for f; do [ -r "$f" ] || echo "$f"; done' _ 2>&1 | head -n 5) || true
+venv=$(cd "$(dirname "$1")/.." 2>/dev/null && pwd) || venv=""
+if [[ -z $unreadable && -n $venv && -f $venv/pyvenv.cfg ]]; then
+    unreadable=$(as_user find "$venv" \( ! -readable -o -type d ! -executable \) -print 2>&1 | head -n 5) || true
+fi
+[[ -z $unreadable ]] || die "$USER_NAME cannot read these (and maybe more) in $ROOT:
 $unreadable
-  give others read access, e.g.: chmod -R o+rX $ROOT   (make test runs the suite as $USER_NAME, not root)"
+  give others read access, e.g.: chmod -R o+rX <folder>   (make test runs the suite as $USER_NAME, not root)"
 if [[ -e $1 ]]; then as_user test -x "$(readlink -f "$1")" || die "$USER_NAME cannot run $1"; fi
 
 for d in "${WRITABLE[@]}"; do
