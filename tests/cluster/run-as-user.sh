@@ -62,7 +62,7 @@ unreadable=$(cd "$ROOT" && checkout_files | xargs -0 -r sh -c 'for f; do [ -e "$
     as_user xargs -0 -r sh -c 'for f; do [ -r "$f" ] || echo "$f"; done' _ 2>&1 | head -n 5) || true
 venv=$(cd "$(dirname "$1")/.." 2>/dev/null && pwd) || venv=""
 if [[ -z $unreadable && -n $venv && -f $venv/pyvenv.cfg ]]; then
-    unreadable=$(as_user find "$venv" \( ! -readable -o -type d ! -executable \) -print 2>&1 | head -n 5) || true
+    unreadable=$(as_user find -H "$venv" \( ! -readable -o -type d ! -executable \) -print 2>&1 | head -n 5) || true
 fi
 [[ -z $unreadable ]] || die "$USER_NAME cannot read these (and maybe more) in $ROOT:
 $unreadable
