@@ -10,7 +10,8 @@
 #   - a directory on the way that others cannot traverse (e.g. /root for a clone or a pyenv under it)
 #     gets o+x (traverse only, no listing);
 #   - cache/ gets an ACL entry giving the user rwx (setfacl; chown when there is no setfacl).
-# Unreadable files in the checkout are not changed: it stops and names them.
+# Unreadable files in the checkout are not changed: it stops and names them. It also mounts a 64 MB tmpfs
+# owned by the user on $FTLIB_SMALL_FS (default /tmp/ftlib-small-fs) for tests/test_disk_full.py.
 # As any other user: run the command unchanged, as that user.
 set -euo pipefail
 
@@ -80,6 +81,20 @@ for d in "${WRITABLE[@]}"; do
         log "made $USER_NAME the owner of $d (the suite writes there; no ACL support)"
     fi
 done
+
+# A small filesystem of the user's own for tests/test_disk_full.py (a full disk while a shard or checkpoint is
+# written): a 64 MB tmpfs, mounted once and left mounted (it takes memory only while a test fills it).
+SMALL_FS=${FTLIB_SMALL_FS:-/tmp/ftlib-small-fs}
+if ! awk -v t="$SMALL_FS" '$2 == t && $3 == "tmpfs" { f = 1 } END { exit !f }' /proc/mounts; then
+    mkdir -p "$SMALL_FS"
+    if mount -t tmpfs -o "size=64m,mode=0700,uid=$(id -u "$USER_NAME"),gid=$(id -g "$USER_NAME")" tmpfs "$SMALL_FS"; then
+        log "mounted a 64 MB tmpfs on $SMALL_FS for $USER_NAME (tests/test_disk_full.py)"
+    else
+        log "could not mount a tmpfs on $SMALL_FS: tests/test_disk_full.py will skip"
+    fi
+elif ! as_user test -w "$SMALL_FS" -a -x "$SMALL_FS"; then
+    log "$SMALL_FS is a tmpfs $USER_NAME cannot write: tests/test_disk_full.py will skip"
+fi
 
 # The caller's environment, less what points into root's home (caches, pyenv shims) or is unusable.
 ROOT_HOME=$(getent passwd root | cut -d: -f6)
