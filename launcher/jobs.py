@@ -114,10 +114,11 @@ def prebuild_ops(recipe) -> None:
     OOM-killed. GPU runs use no JIT-compiled op (the optimizers are torch's or bitsandbytes')."""
     if recipe.resources.train.gpus_per_node > 0 or not recipe.deepspeed.enabled:
         return
+    # Always asked (~5 s when it is up to date): torch rebuilds the op whenever its build inputs changed (a new
+    # checkout or venv path), which a check for an existing .so would miss, and the job would compile after all.
     cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    if any(cache.glob("*/deepspeed_shm_comm/deepspeed_shm_comm*.so")):
-        return
-    print("[train] building DeepSpeed's deepspeed_shm_comm op once, outside the job (~30 s) ...", flush=True)
+    if not any(cache.glob("*/deepspeed_shm_comm/deepspeed_shm_comm*.so")):
+        print("[train] building DeepSpeed's deepspeed_shm_comm op once, outside the job (~30 s) ...", flush=True)
     code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DS_ACCELERATOR": "cpu"},
                           capture_output=True, text=True, timeout=900)
