@@ -171,8 +171,7 @@ def test_two_tenants_serve_on_the_same_nodes_at_once(other_tenant, shared_scratc
     assert not run.endpoint.exists()
 
     leaks = {who: seen for who, seen in privacy.items() if seen}
-    if leaks:
-        pytest.xfail(f"run directories private: pending ({json.dumps(leaks)[:1500]})")
+    assert not leaks, f"one tenant read the other's run directory: {json.dumps(leaks)[:1500]}"
 
 
 if __name__ == "__main__":
