@@ -1,22 +1,29 @@
-"""Serving throughput and latency: batching versus no batching, and the cost of the HTTP + Serve path, side by side.
+"""Serving throughput and latency: the two engines side by side (vLLM vs the HF engine's static batching), or
+batching versus no batching in the HF engine.
 
-    .venv/bin/python bench/serve.py [--max-tokens 32] [--rounds 4] [--repeats 1] [--recipe recipes/demo.yaml]
-                                    [key=value ...]
+    .venv/bin/python bench/serve.py [--compare engines|batching] [--max-tokens 32] [--rounds 4] [--repeats 1]
+                                    [--recipe recipes/demo.yaml] [key=value ...]
 
-Two endpoints of the same recipe (the tiny model with a fresh LoRA adapter, unless the recipe's run has one) run at
-the same time, one replica each, measured one after the other:
+--compare engines (the default): two endpoints of the same recipe, model, adapter, prompts and concurrency, one
+replica each, measured one after the other:
 
-  batched    serve.max_batch_size=32 (requests meet in one generate call; serve.batch_wait_timeout_s as in the recipe)
-  unbatched  serve.max_batch_size=1 (every request its own generate call)
+  vllm       serve.engine=vllm (continuous batching in vLLM, behind the project's ingress)
+  hf         serve.engine=hf, serve.max_batch_size=32 (static batches through HF generate: the baseline)
+
+The shipped tiny model has head size 8, which vLLM's CPU backend lacks: by default this mode runs on
+assets/models/stories260K-hd32 (the same model, widened); pass model.name_or_path=... for another model.
+
+--compare batching: two HF endpoints, serve.max_batch_size=32 (batched) and 1 (unbatched); then one-token requests,
+one at a time and interleaved: `Generator.generate` called directly in this process, then the same request through
+HTTP + Serve to each endpoint; the overhead is the median of the paired differences. Targets: batched >= 5x the
+unbatched throughput at concurrency 32; HTTP + Serve adds < 10 ms at p50 (to the unbatched endpoint).
 
 At concurrency 1, 8 and 32 (that many clients, each sending its next request when the previous answer arrives) each
 sends `--rounds` x concurrency POST /v1/completions with --max-tokens tokens at temperature 0 over keep-alive
 connections; it prints requests/s, generated tokens/s and p50/p95 latency (of the best of --repeats runs, which
-alternate between the endpoints). Then one-token requests, one at a time and interleaved: `Generator.generate` called
-directly in this process, then the same request through HTTP + Serve to each endpoint; the overhead is the median of
-the paired differences. Targets: batched >= 5x the unbatched throughput at concurrency 32; HTTP + Serve adds < 10 ms
-at p50 (to the unbatched endpoint; a batching one adds its batch_wait_timeout_s to a lone request by design).
-The client runs on the same cores as the server; on a shared machine the figures scale with the load.
+alternate between the endpoints), and with --compare engines the p50/p95 time to the first text of a streamed
+request (one streamed round at each concurrency). The client runs on the same cores as the server; on a shared
+machine the figures scale with the load.
 """
 import argparse
 import asyncio
@@ -87,6 +94,27 @@ async def load(url: str, token: str, concurrency: int, requests_each: int, max_t
     return len(latencies) / elapsed, sum(tokens) / elapsed, latencies
 
 
+async def first_text(url: str, token: str, concurrency: int, requests_each: int, max_tokens: int, model: str):
+    """Times (s) to the first text of streamed completions, `concurrency` clients at once."""
+    headers = {"Authorization": f"Bearer {token}"}
+    times = []
+    async with aiohttp.ClientSession(url, headers=headers, connector=aiohttp.TCPConnector(limit=concurrency)) as s:
+        async def client(k):
+            for i in range(requests_each):
+                body = {"model": model, "prompt": PROMPTS[(k + i) % len(PROMPTS)], "max_tokens": max_tokens,
+                        "temperature": 0, "stream": True}
+                t, first = time.perf_counter(), None
+                async with s.post("/v1/completions", json=body) as r:
+                    assert r.status == 200, await r.text()
+                    async for line in r.content:
+                        if first is None and line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                            first = time.perf_counter() - t
+                times.append(first if first is not None else time.perf_counter() - t)
+
+        await asyncio.gather(*(client(k) for k in range(concurrency)))
+    return times
+
+
 async def get_health(url: str) -> dict:
     async with aiohttp.ClientSession() as session:
         async with session.get(url + "/health") as r:
@@ -125,6 +153,59 @@ def one_token_latencies(recipe, endpoints, model: str, n: int):
     return {name: values[3:] for name, values in times.items()}
 
 
+def compare_engines(args, base, adapter, tmp):
+    from ftlib.serve.local import start_local
+
+    overrides = list(args.overrides)
+    if not any(o.startswith("model.name_or_path=") for o in overrides):
+        overrides.append(f"model.name_or_path={ROOT / 'assets' / 'models' / 'stories260K-hd32'}")
+    recipes = {}
+    for name in ("vllm", "hf"):
+        recipes[name] = recipe_mod.load(args.recipe, [
+            *overrides, f"run.dir={tmp / name}", f"serve.adapters={{bench: {adapter}}}", "serve.replicas=1",
+            "serve.autoscaling=false", "serve.max_batch_size=32", "serve.max_concurrent_requests=64",
+            f"serve.engine={name}", f"serve.max_new_tokens={max(args.max_tokens, 1)}",
+            "serve.default_max_new_tokens=1"])
+    model = recipes["vllm"].model.name_or_path
+    print(f"model {model}; starting two endpoints (vllm, and hf with max_batch_size 32) ...", flush=True)
+    endpoints, results, finished = {}, {}, False
+    try:
+        for name, r in recipes.items():
+            t = time.perf_counter()
+            endpoints[name] = start_local(r, log_file=str(tmp / f"{name}.log"))
+            engine = asyncio.run(get_health(endpoints[name].url))["engine"]
+            assert engine == name, f"{name}: the endpoint runs {engine} (see {tmp / (name + '.log')})"
+            print(f"  {name}: ready in {time.perf_counter() - t:.0f} s", flush=True)
+        print(f"\n{'':6} {'conc':>4} {'req/s':>8} {'tok/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'ttft50':>8} {'ttft95':>8}")
+        for concurrency in (1, 8, 32):
+            best = {}
+            for _ in range(args.repeats):  # alternating, so that both see the same load
+                for name, ep in endpoints.items():
+                    run = asyncio.run(load(ep.url, ep.token, concurrency, args.rounds, args.max_tokens, "bench"))
+                    if name not in best or run[0] > best[name][0]:
+                        best[name] = run
+            for name, (rps, tps, lat) in best.items():
+                ep = endpoints[name]
+                ttft = asyncio.run(first_text(ep.url, ep.token, concurrency, 1, args.max_tokens, "bench"))
+                results[name, concurrency] = (rps, tps)
+                print(f"{name:6} {concurrency:>4} {rps:8.1f} {tps:8.0f} {percentile(lat, 50) * 1e3:8.1f} "
+                      f"{percentile(lat, 95) * 1e3:8.1f} {percentile(ttft, 50) * 1e3:8.1f} "
+                      f"{percentile(ttft, 95) * 1e3:8.1f}", flush=True)
+        finished = True
+    finally:
+        for ep in endpoints.values():
+            ep.stop()
+        if finished:
+            shutil.rmtree(tmp)
+        else:
+            print(f"failed; the endpoints' logs are in {tmp}", file=sys.stderr)
+    print("\nvllm / hf throughput (generated tokens/s):")
+    for c in (1, 8, 32):
+        print(f"  concurrency {c:>2}: {results['vllm', c][1] / results['hf', c][1]:5.2f}x"
+              + ("   (target >= 3x on a ~100M model)" if c == 32 else ""))
+    print(f"(load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; figures scale with it)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "demo.yaml"))
@@ -132,6 +213,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=4, help="requests per client at each concurrency")
     parser.add_argument("--one-token", type=int, default=100, help="one-token requests for the overhead figure")
     parser.add_argument("--repeats", type=int, default=1, help="runs per concurrency and endpoint; the best counts")
+    parser.add_argument("--compare", choices=["engines", "batching"], default="engines")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -140,9 +222,14 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     base = recipe_mod.load(args.recipe, args.overrides)
     adapter = RunDir.of(base).adapter
-    if not (adapter / "adapter_config.json").is_file():
+    if args.compare == "engines" and not any(o.startswith("model.name_or_path=") for o in args.overrides):
+        base = recipe_mod.load(args.recipe, [*args.overrides, "model.name_or_path="
+                                             f"{ROOT / 'assets' / 'models' / 'stories260K-hd32'}"])
+    if not (adapter / "adapter_config.json").is_file() or args.compare == "engines":
         adapter = tmp / "adapter"
         make_adapter(adapter, base)
+    if args.compare == "engines":
+        return compare_engines(args, base, adapter, tmp)
     recipes = {}
     for name, batch in (("batched", 32), ("unbatched", 1)):
         recipes[name] = recipe_mod.load(args.recipe, [
