@@ -174,6 +174,50 @@ def test_two_tenants_serve_on_the_same_nodes_at_once(other_tenant, shared_scratc
     assert not leaks, f"one tenant read the other's run directory: {json.dumps(leaks)[:1500]}"
 
 
+VLLM_SERVE = ("run.launcher=slurm", "resources.serve.nodes=2", "resources.serve.cpus_per_task=2",
+              "resources.serve.mem_gb=5.5", "serve.replicas=1", "serve.cpus_per_replica=1", "serve.engine=vllm")
+
+
+@pytest.mark.timeout(900)
+def test_a_two_node_vllm_serve_job_answers_like_hf_and_loads_an_adapter(cluster, tmp_path):  # noqa: F811
+    """serve.engine=vllm on a 2-node serve job: Ray Serve's LLM library and vLLM in the serving environment behind
+    the project's ingress. The official client (plain, streaming, chat), the notebook format and the token check;
+    then a second adapter loaded into the running endpoint (`python -m ftlib load-adapter`) and served by name."""
+    from ftlib import recipe as recipe_mod
+    from tests.test_serve_vllm import SERVE_PYTHON, WIDE_MODEL, wide_adapter
+
+    if not SERVE_PYTHON.exists():
+        pytest.skip("no serving environment (.venv-serve): make setup")
+    wide_adapter(tmp_path / "second", seed=2)
+    wide_adapter(tmp_path / "third", seed=3)
+    recipe = recipe_mod.load(DEMO, [f"run.dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
+                                    f"model.name_or_path={WIDE_MODEL}", "serve.model_name=mine",
+                                    f"serve.adapters.second={tmp_path / 'second'}", *VLLM_SERVE])
+    launch.save_recipe(recipe)
+    wide_adapter(RunDir.of(recipe).adapter, seed=1)
+    (job,) = launch.submit(recipe, ["serve"])
+    run = RunDir.of(recipe)
+    try:
+        endpoint = launch.wait_for_endpoint(recipe, job.job_id, 600)
+        assert endpoint["nodes"] == 2 and call(endpoint["url"] + "/health")[1]["engine"] == "vllm"
+        found = exercise({**endpoint, "run_endpoint": str(run.endpoint)})
+        assert found["completion"] and found["chat"] and found["token_mode"] == oct(0o600), found
+        assert (found["notebook_post"], found["models_without_token"]) == (200, 401), found
+        done = subprocess.run([sys.executable, "-m", "ftlib", "load-adapter", str(run.root), "third",
+                               str(tmp_path / "third")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-2000:]
+        token = Path(endpoint["token_file"]).read_text().strip()
+        client = openai.OpenAI(base_url=endpoint["url"] + "/v1", api_key=token, max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["mine", "second", "third", "stories260K-hd32"]
+        answers = {m: client.completions.create(model=m, prompt="Once upon a time", max_tokens=12,
+                                                temperature=0).choices[0].text for m in ("third", "stories260K-hd32")}
+        assert answers["third"] and answers["third"] != answers["stories260K-hd32"], answers
+    finally:
+        status.cancel(run)
+    states = wait_for_jobs([job.job_id], timeout=150)
+    assert set(states.values()) <= {"CANCELLED", "COMPLETED"}, states
+
+
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
