@@ -42,7 +42,10 @@ def explain(recipe, stage, stderr: str) -> str:
     site, r = stage.site(recipe), stage.resources(recipe)
     key = f"slurm.{stage.name}"
     low = reason.lower()
-    if "policy" in low or "submit limit" in low or "maxsubmit" in low:
+    if "maxwall" in low or "timelimit" in low:  # Slurm 22.05: QOSMaxWallDurationPerJobLimit, PartitionTimeLimit
+        said = f"resources.{stage.name}.time_min={r.time_min}"
+        allowed = _time_limits(site.partition, site.qos)
+    elif "policy" in low or "submit limit" in low or "maxsubmit" in low:
         said = f"{key}.qos={site.qos or '(default)'} (job count, size or time limits)"
         allowed = _qos_limits(site.qos)
     elif "time limit" in low:
@@ -66,10 +69,16 @@ def explain(recipe, stage, stderr: str) -> str:
 
 
 def _reason(stderr: str) -> str:
+    """Slurm's sentence, with its reason code when it gives one. `sbatch --test-only` (22.05) says e.g.
+    "sbatch: error: QOSMaxWallDurationPerJobLimit" then "allocation failure: Job violates accounting/QOS policy
+    (...)"; a real submission says "Batch job submission failed: ..." instead of "allocation failure: "."""
     lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
-    errors = [line.split("error:", 1)[1].strip() for line in lines if "error:" in line]
-    text = (errors or lines or ["no reason given"])[-1]
-    return text.replace("Batch job submission failed: ", "")
+    texts = [re.sub(r"^(sbatch: )?(error: )?(allocation failure: |Batch job submission failed: )?", "", line)
+             for line in lines]
+    codes = [t for t in texts if re.fullmatch(r"[A-Z][A-Za-z]+Limit", t)]
+    sentences = [t for t in texts if t not in codes]
+    text = (sentences or codes or ["no reason given"])[-1]
+    return f"{text}: {codes[-1]}" if codes and sentences else text
 
 
 def _run(cmd: List[str]) -> str:

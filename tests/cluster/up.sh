@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Bring up a real two-node Slurm cluster on this one machine (tests and CI).
+# Bring up a real Slurm cluster on this one machine (tests and CI), configured like a strict site.
 #
-#   munged -> mariadbd -> slurmdbd -> slurmctld -> slurmd node1 + slurmd node2
+#   munged -> mariadbd -> slurmdbd -> slurmctld -> slurmd node1 ... slurmd nodeN (N=8 by default)
+#
+# Partitions: debug (default; node1-2, MaxTime=60 min: what the suite uses), long (node1-2, no time limit) and
+# wide (every node, MaxTime=60: the scale tests). Accounting enforces associations, limits and QOS: accounts
+# ftl and ftl-other, QOS normal (default, no limits) and short (MaxWall 30 min, 3 jobs submitted per user,
+# DenyOnLimit), MaxArraySize=5, EnforcePartLimits=ALL: a job over a limit is refused at submission.
 #
 # Idempotent: a healthy cluster is left alone (exit 0 in about a second); a stale
 # or broken one is stopped with down.sh and started again. Everything (config,
@@ -19,14 +24,18 @@
 #
 # Env: FTLIB_SLURM_DIR (default /tmp/ftlib-slurm), FTLIB_SLURM_TIMEOUT (seconds
 # per start-up stage, default 60), FTLIB_SLURM_PROCTRACK=auto|cgroup|linuxproc,
-# FTLIB_SLURM_ENFORCE (e.g. associations,limits,qos: AccountingStorageEnforce, as a
-# strict site has it; default none).
+# FTLIB_SLURM_NODES (number of nodes, 2-8, default 8; with 2, wide = debug's nodes and
+# the scale tests skip), FTLIB_SLURM_ENFORCE (AccountingStorageEnforce, default
+# associations,limits,qos; "none" turns enforcement off).
 set -euo pipefail
 
 DIR=$(realpath -m "${FTLIB_SLURM_DIR:-/tmp/ftlib-slurm}")
 TIMEOUT=${FTLIB_SLURM_TIMEOUT:-60}
 PROCTRACK=${FTLIB_SLURM_PROCTRACK:-auto}
-ENFORCE=${FTLIB_SLURM_ENFORCE:-}
+ENFORCE=${FTLIB_SLURM_ENFORCE:-associations,limits,qos}
+[[ $ENFORCE != none ]] || ENFORCE=
+NUM_NODES=${FTLIB_SLURM_NODES:-8}
+[[ $NUM_NODES =~ ^[2-8]$ ]] || { echo "[cluster-up] ERROR: FTLIB_SLURM_NODES must be 2..8" >&2; exit 1; }
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 # sudo: tests act as the second tenant; acl: make test grants the test user write access in the checkout.
@@ -36,13 +45,29 @@ CLUSTER=ftlib
 TEST_USER=ftl-alice
 OTHER_USER=ftl-bob
 TEST_ACCOUNT=ftl
+OTHER_ACCOUNT=ftl-other            # a second account of the test user (not of the other tenant)
+LIMITED_QOS=short                  # allowed, never default: the suite's chains and arrays run under normal
+LIMITED_QOS_WALL=00:30:00
+LIMITED_QOS_JOBS=3                 # MaxSubmitJobsPerUser (every array task counts)
+MAX_ARRAY_SIZE=5                   # array indices 0-4
 SUDOERS=/etc/sudoers.d/ftlib-tests
-NODES=(node1 node2)
-declare -A NODE_ADDR=([node1]=127.0.1.1 [node2]=127.0.1.2)
-declare -A NODE_PORT=([node1]=17001 [node2]=17002)
+# node1-2 (the suite's debug nodes): 2 CPUs, 8 GiB each (a vLLM serve test asks 7 GB per node); node3-8 (only
+# in wide): 1 CPU, 2 GiB each. All 8: 10 CPUs and 28 GiB declared on a 2-core, 24 GiB host (oversubscribed; no
+# test fills every node: the scale tests ask at most 1.8 GB per node).
+NODES=() SMALL_NODES=()
+declare -A NODE_ADDR=() NODE_PORT=()
+for ((k = 1; k <= NUM_NODES; k++)); do
+    NODES+=("node$k")
+    NODE_ADDR[node$k]=127.0.1.$k
+    NODE_PORT[node$k]=$((17000 + k))
+    ((k <= 2)) || SMALL_NODES+=("node$k")
+done
 NODE_CPUS=2
-NODE_MEM=8192                      # MiB per node; 2 nodes fit in the 24 GiB host
+NODE_MEM=8192                      # MiB, node1-2
+SMALL_CPUS=1
+SMALL_MEM=2048                     # MiB, node3-8
 DEF_MEM_PER_CPU=$((NODE_MEM / NODE_CPUS))
+SMALL_DEF_MEM_PER_CPU=1024         # wide's default (a job without --mem fits every node)
 # Non-default ports, all on loopback, so a system Slurm/MariaDB cannot collide.
 CTLD_PORT=16817
 DBD_PORT=16819
@@ -207,7 +232,9 @@ KillWait=5
 # afterok on a failed job would otherwise stay PENDING forever.
 DependencyParameters=kill_invalid_depend
 JobRequeue=1
-MaxArraySize=10001
+# A strict site's limits: arrays of at most 5 tasks; jobs over a partition's limits refused at submission.
+MaxArraySize=$MAX_ARRAY_SIZE
+EnforcePartLimits=ALL
 MaxJobCount=20000
 # Trust the node lines below over detected hardware (no drain on small hosts).
 SlurmdParameters=config_overrides
@@ -215,12 +242,18 @@ SlurmdParameters=config_overrides
 # to the host name's address, not its NodeAddr. All addresses used are 127.x.
 MailProg=/bin/true
 EOF
-    # Only when asked, so the default config stays byte for byte what it was (a change restarts the cluster).
     [[ -z $ENFORCE ]] || echo "AccountingStorageEnforce=$ENFORCE" >>"$DIR/etc/slurm.conf"
+    local cpus mem
     for node in "${NODES[@]}"; do
-        echo "NodeName=$node NodeHostname=localhost NodeAddr=${NODE_ADDR[$node]} Port=${NODE_PORT[$node]} CPUs=$NODE_CPUS RealMemory=$NODE_MEM State=UNKNOWN"
+        cpus=$NODE_CPUS mem=$NODE_MEM
+        [[ " ${SMALL_NODES[*]} " != *" $node "* ]] || cpus=$SMALL_CPUS mem=$SMALL_MEM
+        echo "NodeName=$node NodeHostname=localhost NodeAddr=${NODE_ADDR[$node]} Port=${NODE_PORT[$node]} CPUs=$cpus RealMemory=$mem State=UNKNOWN"
     done >>"$DIR/etc/slurm.conf"
-    echo "PartitionName=debug Nodes=$(node_list) Default=YES MaxTime=INFINITE State=UP" >>"$DIR/etc/slurm.conf"
+    {
+        echo "PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=60 State=UP"
+        echo "PartitionName=long Nodes=node1,node2 MaxTime=UNLIMITED State=UP"
+        echo "PartitionName=wide Nodes=$(node_list) MaxTime=60 DefMemPerCPU=$SMALL_DEF_MEM_PER_CPU State=UP"
+    } >>"$DIR/etc/slurm.conf"
 
     cat >"$DIR/etc/cgroup.conf" <<EOF
 $MARK
@@ -324,27 +357,41 @@ ensure_users() {
     fi
 }
 
-# Both users in one account of the cluster, with it as their default account, so jobs
-# are also accepted under AccountingStorageEnforce=associations(,limits,qos).
+# A strict site's accounting (AccountingStorageEnforce=associations,limits,qos): both users in the
+# account ftl (their default), the test user also in ftl-other; QOS normal (default, no limits) and
+# short (MaxWall, MaxSubmitJobsPerUser, refused at submission: DenyOnLimit) allowed to both. Root
+# stays in the account named like the cluster (QOS normal). Idempotent: each step only when needed.
+sacc() { timeout 10 sacctmgr -i "$@" >/dev/null || die "sacctmgr $* failed"; }
 ensure_accounts() {
-    local assocs u
-    assocs=$(timeout 10 sacctmgr -n -P list assoc cluster="$CLUSTER" format=account,user) ||
+    local assocs qos a u
+    qos=$(timeout 10 sacctmgr -n -P list qos format=name,maxwall,maxsubmitjobsperuser,flags) ||
+        die "sacctmgr list qos failed"
+    grep -q "^$LIMITED_QOS|" <<<"$qos" || sacc add qos "$LIMITED_QOS"
+    grep -qx "$LIMITED_QOS|$LIMITED_QOS_WALL|$LIMITED_QOS_JOBS|DenyOnLimit" <<<"$qos" ||
+        sacc modify qos "$LIMITED_QOS" set MaxWall="$LIMITED_QOS_WALL" MaxSubmitJobsPerUser="$LIMITED_QOS_JOBS" \
+            Flags=DenyOnLimit
+    assocs=$(timeout 10 sacctmgr -n -P list assoc cluster="$CLUSTER" format=account,user,qos) ||
         die "sacctmgr list assoc failed"
-    grep -q "^$TEST_ACCOUNT|" <<<"$assocs" ||
-        timeout 10 sacctmgr -i add account "$TEST_ACCOUNT" Cluster="$CLUSTER" Description="test tenants" \
-            Organization=ftlib >/dev/null || die "sacctmgr add account $TEST_ACCOUNT failed"
-    for u in "$TEST_USER" "$OTHER_USER"; do
-        grep -qx "$TEST_ACCOUNT|$u" <<<"$assocs" && continue
-        timeout 10 sacctmgr -i add user "$u" Account="$TEST_ACCOUNT" DefaultAccount="$TEST_ACCOUNT" \
-            Cluster="$CLUSTER" >/dev/null || die "sacctmgr add user $u failed"
-        log "accounting: $u in account $TEST_ACCOUNT"
+    for a in "$TEST_ACCOUNT" "$OTHER_ACCOUNT"; do
+        grep -q "^$a|" <<<"$assocs" ||
+            sacc add account "$a" Cluster="$CLUSTER" Description="test tenants" Organization=ftlib
+    done
+    for a in "$TEST_ACCOUNT:$TEST_USER" "$TEST_ACCOUNT:$OTHER_USER" "$OTHER_ACCOUNT:$TEST_USER"; do
+        u=${a#*:} a=${a%%:*}
+        if ! grep -q "^$a|$u|" <<<"$assocs"; then
+            sacc add user "$u" Account="$a" DefaultAccount="$TEST_ACCOUNT" Cluster="$CLUSTER"
+            log "accounting: $u in account $a"
+        fi
+        grep -qx "$a|$u|normal,$LIMITED_QOS" <<<"$assocs" ||
+            sacc modify user "$u" where account="$a" cluster="$CLUSTER" set QOS="normal,$LIMITED_QOS" \
+                DefaultQOS=normal
     done
 }
 
 # ---------------------------------------------------------------- health
-nodes_up() {  # both nodes responding and usable (idle, or running jobs)
+nodes_up() {  # every node responding and usable (idle, or running jobs)
     local out
-    out=$(timeout 10 sinfo -h -N -p debug -o '%N %t' 2>/dev/null) || return 1
+    out=$(timeout 10 sinfo -h -N -o '%N %t' 2>/dev/null) || return 1
     local node
     for node in "${NODES[@]}"; do
         grep -Eq "^$node (idle|mix|alloc|comp)\$" <<<"$out" || return 1
@@ -496,9 +543,9 @@ main() {
     healthy || fail slurmctld "cluster did not come up healthy"
     ensure_accounts
 
-    log "up in $((SECONDS - t0))s: cluster=$CLUSTER partition=debug nodes=${NODES[*]} proctrack=$mode"
+    log "up in $((SECONDS - t0))s: cluster=$CLUSTER partitions=debug,long,wide nodes=${NODES[*]} proctrack=$mode"
     log "config: $ETC/slurm.conf (copy in $DIR/etc)  logs: $DIR/log  stop: tests/cluster/down.sh [--purge]"
-    sinfo -N -o '%N %t %c %m' | sed 's/^/[cluster-up]   /'
+    sinfo -N -o '%N %t %c %m %P' | sed 's/^/[cluster-up]   /'
 }
 
 main "$@"
