@@ -105,7 +105,11 @@ class Slurm:
         ex = submitit.SlurmExecutor(folder=run.stage_logs(stage.name),
                                     max_num_timeout=stage.resources(recipe).max_requeues)
         ex.update_parameters(**slurm_parameters(recipe, stage, dependency))
-        sub = _submit(ex, stage, recipe, todo, records.max_array_size() if stage.array else None)
+        try:
+            sub = _submit(ex, stage, recipe, todo, records.max_array_size() if stage.array else None)
+        except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:
+            # A limit --test-only could not see (e.g. jobs counted with the ones this chain just queued).
+            raise site.SiteError(site.explain(recipe, stage, str(e))) from None
         # Keep the script submitit generated (<folder>/<job id>_submission.sh) beside the run's other scripts.
         script = JobPaths(sub.folder, job_id=sub.jobs[0].job_id).submission_file
         if script.is_file():
