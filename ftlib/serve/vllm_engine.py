@@ -108,8 +108,12 @@ def build_llm(recipe, base_name: str, adapters, context_length: int):
     from ray.serve.llm import LLMConfig, build_llm_deployment
 
     s = recipe.serve
+    # On CPU the replica's placement group is one bundle of serve.cpus_per_replica CPUs, the engine's processes
+    # included: Ray's default adds the engine's own CPU bundle to the replica actor's, so 2 CPUs per replica asked
+    # for 3 and never scheduled on 2-CPU nodes. On GPUs the library's default bundles (one per GPU) stay.
+    on_cpu = s.gpus_per_replica == 0
     deployment = {"max_ongoing_requests": s.max_concurrent_requests,
-                  "ray_actor_options": {"num_cpus": s.cpus_per_replica}}
+                  "ray_actor_options": {"num_cpus": 0 if on_cpu else s.cpus_per_replica}}
     if s.autoscaling:
         deployment["autoscaling_config"] = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                                             "target_ongoing_requests": s.max_batch_size}
@@ -130,6 +134,7 @@ def build_llm(recipe, base_name: str, adapters, context_length: int):
         # CPU: "kind": "cpu" (accelerator_type="CPU" is refused, and nothing set means GPU).
         **({"accelerator_config": {"kind": "cpu"}} if s.gpus_per_replica == 0 else {}),
         lora_config={"max_num_adapters_per_replica": s.max_adapters},
+        **({"placement_group_config": {"bundles": [{"CPU": s.cpus_per_replica}]}} if on_cpu else {}),
         engine_kwargs=engine, deployment_config=deployment,
         runtime_env={"env_vars": env} if env else None)
     return build_llm_deployment(config, name_prefix="vllm:", bind_kwargs={"model_downloader": LocalAdapterLoader})
