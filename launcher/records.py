@@ -163,9 +163,8 @@ def job_ids(entry: dict) -> List[str]:
     return entry.get("job_ids") or [entry["job_id"]]
 
 
-def stage_state(ids: List[str] | str, states: Dict[str, str]) -> str:
+def stage_state(ids: List[str], states: Dict[str, str]) -> str:
     """One state for a stage's jobs: the worst of them, an array's tasks included."""
-    ids = [ids] if isinstance(ids, str) else ids
     mine = {s for j, s in states.items() if any(j == i or j.startswith(f"{i}_") for i in ids)}
     if not mine:
         return "UNKNOWN"
