@@ -303,6 +303,10 @@ class RayNode:
                # The one HTTP proxy is on the head: left to prefer its own node, it would send everything to the
                # head's replicas until they are full, leaving the other nodes' replicas idle.
                "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0",
+               # On SIGTERM, `ray start` would wait up to 30 s for the node to drain, so that Serve can move its
+               # replicas away; the whole cluster stops with the job (serve.shutdown() first), so there is nowhere
+               # to move them, and a detached actor (the adapter registry) keeps the node from ever draining.
+               "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
                # Marks every process of this node (Ray's processes inherit it): tests look for leftovers.
                "FTLIB_RAY_NODE": f"{self.job_id}-{node_rank}"}
         log(f"node {node_rank}: starting Ray {'head' if head_address is None else 'worker'} on {host} ({self.ip}), "
@@ -328,18 +332,30 @@ class RayNode:
         raise TimeoutError(f"the Ray head did not listen on {self.address} within {timeout_s:.0f} s")
 
     def stop(self) -> None:
-        """SIGTERM to `ray start --block`, which stops its daemons; SIGKILL to its process group if it hangs."""
+        """SIGTERM to `ray start --block`, which stops its daemons; then SIGKILL to whatever of this node is left.
+
+        Ray puts each worker in its own process group, and a worker whose raylet is gone exits only when it notices:
+        the node's processes are therefore taken as a tree before stopping, and waited for (killed if need be)."""
+        import psutil
+
+        try:
+            tree = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
         if self.alive():
             self.process.terminate()
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 log(f"node {self.rank}: ray start did not stop within 30 s; killing its processes")
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)  # whatever is left in its session
-        except ProcessLookupError:
-            pass
         self.process.wait()
+        _, left = psutil.wait_procs(tree, timeout=5)
+        for p in left:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(left, timeout=5)
         self.ports.release()
         self.dir.remove()
 
