@@ -56,8 +56,8 @@ def wait_for_jobs(job_ids, timeout: float):
     deadline = time.time() + timeout
     while time.time() < deadline:
         rows = [r for j in job_ids for r in sacct(j, "JobID", "State")]
-        if rows and all(r["State"].split()[0] in TERMINAL for r in rows) and not any(
-                "[" in r["JobID"] for r in rows):  # "12_[2-3]" = array tasks not started yet
+        # "12_[2-3%2]" is the array's tasks not started yet: PENDING, or CANCELLED for good if the array was.
+        if rows and all(r["State"].split()[0] in TERMINAL for r in rows):
             return {r["JobID"]: r["State"].split()[0] for r in rows}
         time.sleep(2)
     raise TimeoutError(f"jobs {job_ids} not finished after {timeout} s: {rows}")
