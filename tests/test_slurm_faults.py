@@ -98,7 +98,7 @@ def test_a_real_time_limit_checkpoints_requeues_and_finishes_exactly(make_recipe
     (ref_job,) = launch.submit(reference, ["train"])
     states = wait_for_jobs([job.job_id, ref_job.job_id], timeout=840)
     run = RunDir.of(limited)
-    assert set(states.values()) == {"COMPLETED"}, (states, status.status(run))
+    assert set(states.values()) == {"COMPLETED"}, (states, status.status(run), status.status(RunDir.of(reference)))
     attempts = [r["State"].split()[0] for r in sacct(job.job_id, "JobID", "State", duplicates=True)]
     assert len(attempts) >= 2 and attempts[-1] == "COMPLETED" and set(attempts[:-1]) == {"REQUEUED"}, attempts
     assert "stopped by SIGUSR2" in rank_log(run, 0) or "stop requested" in rank_log(run, 0)

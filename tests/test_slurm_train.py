@@ -73,7 +73,8 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(make_recipe, tmp_pa
     subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
 
     states = wait_for_jobs([job.job_id, ref_job.job_id], timeout=780)
-    assert set(states.values()) == {"COMPLETED"}, (states, status.status(RunDir.of(preempted)))
+    assert set(states.values()) == {"COMPLETED"}, (states, status.status(RunDir.of(preempted)),
+                                                   status.status(RunDir.of(reference)))
     # Requeued exactly once: scontrol counts the restarts (while slurmctld still holds the job); sacct --duplicates
     # lists every run of the job id, the preempted one as REQUEUED.
     restarts = subprocess.run(["scontrol", "show", "job", job.job_id], capture_output=True, text=True).stdout
