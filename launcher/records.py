@@ -95,14 +95,15 @@ class JobRecords:
 
 
 # ----------------------------------------------------------------------------------------------------- Slurm
-def sacct(job_ids: List[str], fields: List[str]) -> List[Dict[str, str]]:
+def sacct(job_ids: List[str], fields: List[str], attempts: bool = False) -> List[Dict[str, str]]:
     """One dict per job (and per array task), allocation lines only; [] when accounting is unavailable (see
-    accounting_missing)."""
+    accounting_missing). With attempts=True, one per run of a job Slurm requeued (preemption, time limit, node
+    failure), oldest first, the last being the current one."""
     if not job_ids or accounting_missing():
         return []
     try:
-        out = subprocess.run(["sacct", "-X", "-P", "-n", f"--format={','.join(fields)}", "-j", ",".join(job_ids)],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["sacct", "-X", "-P", "-n", f"--format={','.join(fields)}", "-j", ",".join(job_ids)]
+                             + (["--duplicates"] if attempts else []), capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return []
     rows = [line.split("|") for line in out.stdout.splitlines()]
@@ -199,7 +200,8 @@ def node_states(nodelist: str) -> List[tuple]:
                              text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return []
-    return [tuple((line.split("|") + ["", ""])[:3]) for line in out.stdout.splitlines() if line]
+    rows = [tuple((line.split("|") + ["", ""])[:3]) for line in out.stdout.splitlines() if line]
+    return list(dict.fromkeys(rows))  # sinfo -N lists a node once per partition
 
 
 def cancel(ids: List[str]) -> None:

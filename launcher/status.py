@@ -16,7 +16,8 @@ FIELDS = ["JobID", "JobName", "State", "Elapsed", "NodeList", "ExitCode", "Reaso
 
 
 def stage_rows(run: RunDir) -> List[Dict[str, str]]:
-    """One row per job (and per array task) of the run's latest submission of each stage."""
+    """One row per job (and per array task) of the run's latest submission of each stage, and one per earlier run
+    of a job that Slurm requeued (marked "earlier")."""
     rows = []
     for stage, entry in records.JobRecords(run).stages().items():
         if entry.get("launcher") != "slurm":
@@ -27,7 +28,10 @@ def stage_rows(run: RunDir) -> List[Dict[str, str]]:
             rows += [{"stage": stage, "JobID": j, "State": s, "Elapsed": "", "NodeList": "", "ExitCode": "",
                       "Reason": ""} for j, s in records.live_states(records.job_ids(entry)).items()]
         else:
-            rows += [{"stage": stage, **r} for r in records.sacct(records.job_ids(entry), FIELDS)]
+            found = records.sacct(records.job_ids(entry), FIELDS, attempts=True)
+            for k, r in enumerate(found):
+                later = any(q["JobID"] == r["JobID"] for q in found[k + 1:])
+                rows.append({"stage": stage, **r, "earlier": later})
     return rows
 
 
@@ -55,14 +59,23 @@ def status(run: RunDir) -> str:
     if missing:
         out.insert(1, f"(job history unavailable: this site keeps no accounting — {missing}; states come from "
                       f"squeue/scontrol, and a job that ended over a few minutes ago shows as ENDED)")
-    failures = []
+    failures, lost = [], []
     for r in rows:
         state = r["State"].split()[0]
         if state == "PENDING" and pending.get(r["JobID"]):
             state = f"PENDING ({pending[r['JobID']]})"
         out.append(f"{r['stage']:<11}{r['JobID']:<12}{state:<14}{r['Elapsed']:<11}{r['NodeList']:<16}{r['ExitCode']}")
-        if state in records.FAILED:
+        if r.get("earlier"):  # Slurm requeued it and runs it again: only a lost node needs saying
+            if state == "NODE_FAIL":
+                lost.append(r)
+        elif state == "NODE_FAIL" and records.live_states([r["JobID"]]).get(r["JobID"]) in records.ACTIVE:
+            lost.append(r)  # requeued, and its next run not started yet: sacct lists that one once it starts
+        elif state in records.FAILED:
             failures.append(r)
+    for r in lost:
+        out.append(f"\n{r['stage']}: job {r['JobID']} lost a node (NODE_FAIL; nodes of the job: {r['NodeList']}"
+                   f"{down_nodes(r['NodeList'])}); Slurm requeued it: it resumes from its last complete "
+                   f"checkpoint")
     jobs = records.JobRecords(run)
     for r in failures:
         if "_" in r["JobID"]:  # an array task: its record says which shard it ran

@@ -1,11 +1,14 @@
 """Faults of a training job on the REAL two-node Slurm cluster: a rank that dies after the rendezvous (its memory
 limit, or kill -9) ends the whole job within two minutes, `make status` names the rank, the node and the cause,
-and a resubmission resumes from the last complete checkpoint.
+and a resubmission resumes from the last complete checkpoint. A node that stops answering ends the job as
+NODE_FAIL, status names the node, and the job Slurm requeues resumes from the last complete checkpoint. A real
+time limit checkpoints, requeues and finishes with the losses of an uninterrupted run.
 
 The fault is injected from outside the product, as a real one would come: a `sitecustomize` module on the job's
 PYTHONPATH (set in the recipe's slurm.train.setup lines) starts a thread in rank 1 that waits for the first complete
 checkpoint and then allocates memory until the job's cgroup limit kills it, or kills itself with SIGKILL.
 """
+import subprocess
 import time
 
 import pytest
@@ -14,6 +17,7 @@ from ftlib import checkpoints
 from ftlib.rundir import RunDir
 from launcher import launch, status
 from launcher.status import first_dead_task
+from tests.conftest import ROOT
 from tests.test_slurm import cluster, sacct, wait_for_jobs  # noqa: F401 (cluster: the session fixture)
 from tests.test_slurm_train import losses, rank_log, two_node_recipe
 
@@ -79,6 +83,49 @@ def test_a_dead_rank_ends_the_job_and_status_names_it(make_recipe, tmp_path, mod
         assert wait_for_jobs([again.job_id], timeout=420)[again.job_id] == "COMPLETED", status.status(run)
         assert "resuming from" in rank_log(run, 0), rank_log(run, 0)[-3000:]
         assert run.training_done
+
+
+NODE_FAULT = ROOT / "tests" / "cluster" / "node-fault.sh"  # root, through the sudo rule up.sh installs
+
+
+def node_fault(action: str, node: str) -> None:
+    done = subprocess.run(["sudo", "-n", str(NODE_FAULT), action, node], capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.timeout(600)
+def test_a_lost_node_ends_the_job_and_the_requeued_job_resumes(make_recipe, tmp_path):
+    """node2 freezes mid-training (slurmd, slurmstepd and the rank get SIGSTOP): no process dies and no connection
+    closes, so rank 0 just waits in a collective. Slurm marks node2 DOWN after SlurmdTimeout (30 s here) and ends
+    the job as NODE_FAIL; it requeues it, and once node2 is back the job resumes from the last complete checkpoint."""
+    if subprocess.run(["sudo", "-n", "-l", str(NODE_FAULT)], capture_output=True).returncode != 0:
+        pytest.skip(f"no sudo rule for {NODE_FAULT} (tests/cluster/up.sh installs it where only root can change it)")
+    recipe = two_node_recipe(make_recipe, "data.sequence_len=128", "train.max_steps=16", "train.save_steps=2",
+                             "train.eval_steps=100")
+    run = RunDir.of(recipe)
+    (job,) = launch.submit(recipe, ["train"])
+    deadline = time.time() + 300
+    while not list(run.checkpoints.glob(f"checkpoint-*/{checkpoints.MARKER}")):
+        assert time.time() < deadline, status.status(run)
+        time.sleep(0.5)
+    frozen_at = time.time()
+    node_fault("freeze", "node2")
+    try:
+        while not any(r["State"] == "NODE_FAIL" for r in sacct(job.job_id, "State", duplicates=True)):
+            assert time.time() < frozen_at + 120, ("no NODE_FAIL within 2 minutes", status.status(run))
+            time.sleep(1)
+        report = status.status(run)
+        assert f"job {job.job_id} lost a node" in report and "down now: node2" in report, report
+    finally:
+        node_fault("revive", "node2")
+    deadline = time.time() + 360  # sacct says NODE_FAIL until the requeued run starts: ask slurmctld
+    while subprocess.run(["squeue", "-h", "-j", job.job_id], capture_output=True, text=True).stdout.strip():
+        assert time.time() < deadline, status.status(run)
+        time.sleep(2)
+    runs = [r["State"].split()[0] for r in sacct(job.job_id, "JobID", "State", duplicates=True)]
+    assert runs == ["NODE_FAIL", "COMPLETED"], runs
+    assert "resuming from" in rank_log(run, 0), rank_log(run, 0)[-3000:]
+    assert run.training_done
 
 
 @pytest.mark.timeout(900)

@@ -227,6 +227,9 @@ DefMemPerCPU=$DEF_MEM_PER_CPU
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=2
 ReturnToService=2
+# A node that stops answering is DOWN after 30 s (pinged every 10 s) and its jobs end as NODE_FAIL and are
+# requeued (JobRequeue=1); sites default to 300 s. tests/test_slurm_faults.py freezes a node (node-fault.sh).
+SlurmdTimeout=30
 MpiDefault=none
 KillWait=5
 # afterok on a failed job would otherwise stay PENDING forever.
@@ -345,16 +348,35 @@ ensure_users() {
         [[ -d $home ]] || install -d -o "$u" -g "$(id -gn "$u")" "$home"
         chmod 700 "$home"  # tenants do not read each other's files
     done
-    # The test user may act as the other tenant, and only as it.
-    local rule="$TEST_USER ALL=($OTHER_USER) NOPASSWD: ALL" tmp
-    if [[ $(cat "$SUDOERS" 2>/dev/null) != "$MARK"$'\n'"$rule" ]]; then
+    # The test user may act as the other tenant, and only as it; and, as root, inject node faults with
+    # node-fault.sh, if no one but root can change that script (else the rule would hand out root).
+    local rules="$TEST_USER ALL=($OTHER_USER) NOPASSWD: ALL" tmp fault=$HERE/node-fault.sh
+    if root_only_writable "$fault"; then
+        rules+=$'\n'"$TEST_USER ALL=(root) NOPASSWD: $fault"
+    else
+        log "no sudo rule for $fault (it or a folder above it is writable by a user other than root):" \
+            "the node-failure test will skip"
+    fi
+    if [[ $(cat "$SUDOERS" 2>/dev/null) != "$MARK"$'\n'"$rules" ]]; then
         mkdir -p "$(dirname "$SUDOERS")"
         tmp=$(mktemp)
-        printf '%s\n%s\n' "$MARK" "$rule" >"$tmp"
-        visudo -cqf "$tmp" || { rm -f "$tmp"; die "sudoers rule rejected by visudo: $rule"; }
+        printf '%s\n%s\n' "$MARK" "$rules" >"$tmp"
+        visudo -cqf "$tmp" || { rm -f "$tmp"; die "sudoers rules rejected by visudo: $rules"; }
         install -m 440 -o root -g root "$tmp" "$SUDOERS" && rm -f "$tmp"
-        log "sudoers: $SUDOERS: $rule"
+        log "sudoers: $SUDOERS: ${rules//$'\n'/; }"
     fi
+}
+
+root_only_writable() {  # PATH and every folder above it owned by root, not writable by group or others (a sticky
+    local p mode      # folder such as /tmp may be: no one can replace the root-owned entry in it)
+    p=$(realpath -e "$1" 2>/dev/null) || return 1
+    while :; do
+        mode=8#$(stat -c %a "$p")
+        [[ $(stat -c %u "$p") == 0 ]] || return 1
+        (( (mode & 8#022) == 0 )) || { [[ -d $p ]] && (( mode & 8#1000 )); } || return 1
+        [[ $p != / ]] || return 0
+        p=$(dirname "$p")
+    done
 }
 
 # A strict site's accounting (AccountingStorageEnforce=associations,limits,qos): both users in the
@@ -548,4 +570,5 @@ main() {
     sinfo -N -o '%N %t %c %m %P' | sed 's/^/[cluster-up]   /'
 }
 
-main "$@"
+# Sourced by node-fault.sh for its helpers (start, pid_of, NODES); run, it brings the cluster up.
+[[ ${BASH_SOURCE[0]} != "$0" ]] || main "$@"
