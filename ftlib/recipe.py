@@ -305,6 +305,8 @@ class ServeConfig:
                                        "lora.r and the served adapters').")
     max_adapters: int = opt(8, "serve.engine=vllm: adapters held per replica (and per batch); more are swapped in.")
     vllm_kv_cache_gb: int = opt(1, "serve.engine=vllm on CPU: KV cache per replica, GiB.")
+    vllm_env: Dict[str, str] = opt({}, "serve.engine=vllm: more environment variables of the engine's processes "
+                                   "(vLLM's own tuning, e.g. VLLM_CPU_OMP_THREADS_BIND: 0-1).")
 
     def __post_init__(self):
         _positive(self, "max_batch_size", "replicas", "max_adapters", "vllm_kv_cache_gb", "max_new_tokens",

@@ -129,6 +129,7 @@ def build_llm(recipe, base_name: str, adapters, context_length: int):
         env["VLLM_CPU_KVCACHE_SPACE"] = str(s.vllm_kv_cache_gb)
     elif s.gpus_per_replica > 1:
         engine["tensor_parallel_size"] = int(s.gpus_per_replica)
+    env.update(s.vllm_env)
     config = LLMConfig(
         model_loading_config={"model_id": base_name, "model_source": recipe.model.name_or_path},
         # CPU: "kind": "cpu" (accelerator_type="CPU" is refused, and nothing set means GPU).
