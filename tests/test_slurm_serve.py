@@ -19,7 +19,7 @@ import pytest
 from ftlib.rundir import RunDir
 from launcher import launch, status
 from tests.conftest import DEMO, ROOT, as_tenant, what_user_reads
-from tests.test_serve import call, make_adapter
+from tests.test_serve import call, make_adapter, ray_processes
 from tests.test_slurm import cluster, wait_for_jobs  # noqa: F401 (cluster: the session fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -155,6 +155,19 @@ def test_two_tenants_serve_on_the_same_nodes_at_once(other_tenant, shared_scratc
             f"{other_tenant} reads mine": what_user_reads(run.root, run_files(run.root), user=other_tenant),
             f"I read {other_tenant}'s": what_user_reads(Path(other["run"]), other["files"]),
         }
+
+        # My Ray head dies (its GCS killed, as the OOM killer might): my job ends within two minutes, status says
+        # why, and the other tenant's endpoint, on the same nodes, answers on.
+        gcs = [pid for pid in ray_processes(f"{job.job_id}-0")
+               if Path(f"/proc/{pid}/comm").read_text().strip() == "gcs_server"]
+        assert len(gcs) == 1, gcs
+        killed_at = time.time()
+        os.kill(gcs[0], 9)
+        assert wait_for_jobs([job.job_id], timeout=120)[job.job_id] == "FAILED", status.status(run)
+        assert time.time() - killed_at < 120
+        report = status.status(run)
+        assert "the Ray head exited" in report, report
+        assert call(other["endpoint"]["url"] + "/health")[0] == 200
     finally:
         status.cancel(run)
         down = subprocess.run(half("down", theirs), cwd=ROOT, capture_output=True, text=True, timeout=150)
@@ -164,7 +177,7 @@ def test_two_tenants_serve_on_the_same_nodes_at_once(other_tenant, shared_scratc
     assert down.returncode == 0 and results(down.stdout).get("endpoint_left") is False, (down.stdout, down.stderr)
     other = results(bob_out)
     states = wait_for_jobs([job.job_id] + ([other["job_id"]] if "job_id" in other else []), timeout=150)
-    assert set(states.values()) <= {"CANCELLED", "COMPLETED"}, states
+    assert states[job.job_id] == "FAILED" and set(states.values()) <= {"FAILED", "CANCELLED", "COMPLETED"}, states
     deadline = time.time() + 60
     while time.time() < deadline and run.endpoint.exists():
         time.sleep(1)
