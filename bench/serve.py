@@ -1,8 +1,8 @@
 """Serving throughput and latency: the two engines side by side (vLLM vs the HF engine's static batching), or
 batching versus no batching in the HF engine.
 
-    .venv/bin/python bench/serve.py [--compare engines|batching] [--max-tokens 32] [--rounds 4] [--repeats 1]
-                                    [--recipe recipes/demo.yaml] [key=value ...]
+    .venv/bin/python bench/serve.py [--compare engines|batching] [--served adapter|base] [--max-tokens 32]
+                                    [--rounds 4] [--repeats 1] [--recipe recipes/demo.yaml] [key=value ...]
 
 --compare engines (the default): two endpoints of the same recipe, model, adapter, prompts and concurrency, one
 replica each, measured one after the other:
@@ -154,6 +154,7 @@ def one_token_latencies(recipe, endpoints, model: str, n: int):
 
 
 def compare_engines(args, base, adapter, tmp):
+    from ftlib.serve.engine import base_model_name
     from ftlib.serve.local import start_local
 
     overrides = list(args.overrides)
@@ -167,7 +168,9 @@ def compare_engines(args, base, adapter, tmp):
             f"serve.engine={name}", f"serve.max_new_tokens={max(args.max_tokens, 1)}",
             "serve.default_max_new_tokens=1"])
     model = recipes["vllm"].model.name_or_path
-    print(f"model {model}; starting two endpoints (vllm, and hf with max_batch_size 32) ...", flush=True)
+    served = "bench" if args.served == "adapter" else base_model_name(recipes["vllm"])
+    print(f"model {model}, requests to {served!r} ({args.served}); starting two endpoints (vllm, and hf with "
+          f"max_batch_size 32) ...", flush=True)
     endpoints, results, finished = {}, {}, False
     try:
         for name, r in recipes.items():
@@ -181,12 +184,12 @@ def compare_engines(args, base, adapter, tmp):
             best = {}
             for _ in range(args.repeats):  # alternating, so that both see the same load
                 for name, ep in endpoints.items():
-                    run = asyncio.run(load(ep.url, ep.token, concurrency, args.rounds, args.max_tokens, "bench"))
+                    run = asyncio.run(load(ep.url, ep.token, concurrency, args.rounds, args.max_tokens, served))
                     if name not in best or run[0] > best[name][0]:
                         best[name] = run
             for name, (rps, tps, lat) in best.items():
                 ep = endpoints[name]
-                ttft = asyncio.run(first_text(ep.url, ep.token, concurrency, 1, args.max_tokens, "bench"))
+                ttft = asyncio.run(first_text(ep.url, ep.token, concurrency, 1, args.max_tokens, served))
                 results[name, concurrency] = (rps, tps)
                 print(f"{name:6} {concurrency:>4} {rps:8.1f} {tps:8.0f} {percentile(lat, 50) * 1e3:8.1f} "
                       f"{percentile(lat, 95) * 1e3:8.1f} {percentile(ttft, 50) * 1e3:8.1f} "
@@ -214,6 +217,8 @@ def main():
     parser.add_argument("--one-token", type=int, default=100, help="one-token requests for the overhead figure")
     parser.add_argument("--repeats", type=int, default=1, help="runs per concurrency and endpoint; the best counts")
     parser.add_argument("--compare", choices=["engines", "batching"], default="engines")
+    parser.add_argument("--served", choices=["adapter", "base"], default="adapter",
+                        help="--compare engines: requests to the LoRA adapter (default) or to the base model")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
