@@ -153,17 +153,36 @@ def one_token_latencies(recipe, endpoints, model: str, n: int):
     return {name: values[3:] for name, values in times.items()}
 
 
-def compare_engines(args, base, adapter, tmp):
+def best_runs(args, endpoints, concurrency: int, model: str) -> dict:
+    """{endpoint name: (req/s, tok/s, latencies)} of the best of --repeats runs at this concurrency, the runs
+    alternating between the endpoints so that both see the same load."""
+    best = {}
+    for _ in range(args.repeats):
+        for name, ep in endpoints.items():
+            run = asyncio.run(load(ep.url, ep.token, concurrency, args.rounds, args.max_tokens, model))
+            if name not in best or run[0] > best[name][0]:
+                best[name] = run
+    return best
+
+
+def stop_all(endpoints, tmp: Path, finished: bool) -> None:
+    """Stop the endpoints; keep their logs in tmp if the run did not finish."""
+    for ep in endpoints.values():
+        ep.stop()
+    if finished:
+        shutil.rmtree(tmp)
+    else:
+        print(f"failed; the endpoints' logs are in {tmp}", file=sys.stderr)
+
+
+def compare_engines(args, adapter, tmp):
     from ftlib.serve.engine import base_model_name
     from ftlib.serve.local import start_local
 
-    overrides = list(args.overrides)
-    if not any(o.startswith("model.name_or_path=") for o in overrides):
-        overrides.append(f"model.name_or_path={ROOT / 'assets' / 'models' / 'stories260K-hd32'}")
     recipes = {}
     for name in ("vllm", "hf"):
         recipes[name] = recipe_mod.load(args.recipe, [
-            *overrides, f"run.dir={tmp / name}", f"serve.adapters={{bench: {adapter}}}", "serve.replicas=1",
+            *args.overrides, f"run.dir={tmp / name}", f"serve.adapters={{bench: {adapter}}}", "serve.replicas=1",
             "serve.autoscaling=false", "serve.max_batch_size=32", "serve.max_concurrent_requests=64",
             f"serve.engine={name}", f"serve.max_new_tokens={max(args.max_tokens, 1)}",
             "serve.default_max_new_tokens=1"])
@@ -181,13 +200,7 @@ def compare_engines(args, base, adapter, tmp):
             print(f"  {name}: ready in {time.perf_counter() - t:.0f} s", flush=True)
         print(f"\n{'':6} {'conc':>4} {'req/s':>8} {'tok/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'ttft50':>8} {'ttft95':>8}")
         for concurrency in (1, 8, 32):
-            best = {}
-            for _ in range(args.repeats):  # alternating, so that both see the same load
-                for name, ep in endpoints.items():
-                    run = asyncio.run(load(ep.url, ep.token, concurrency, args.rounds, args.max_tokens, served))
-                    if name not in best or run[0] > best[name][0]:
-                        best[name] = run
-            for name, (rps, tps, lat) in best.items():
+            for name, (rps, tps, lat) in best_runs(args, endpoints, concurrency, served).items():
                 ep = endpoints[name]
                 ttft = asyncio.run(first_text(ep.url, ep.token, concurrency, 1, args.max_tokens, served))
                 results[name, concurrency] = (rps, tps)
@@ -196,12 +209,7 @@ def compare_engines(args, base, adapter, tmp):
                       f"{percentile(ttft, 95) * 1e3:8.1f}", flush=True)
         finished = True
     finally:
-        for ep in endpoints.values():
-            ep.stop()
-        if finished:
-            shutil.rmtree(tmp)
-        else:
-            print(f"failed; the endpoints' logs are in {tmp}", file=sys.stderr)
+        stop_all(endpoints, tmp, finished)
     print("\nvllm / hf throughput (generated tokens/s):")
     for c in (1, 8, 32):
         print(f"  concurrency {c:>2}: {results['vllm', c][1] / results['hf', c][1]:5.2f}x"
@@ -225,16 +233,15 @@ def main():
     from ftlib.serve.local import start_local
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    if args.compare == "engines" and not any(o.startswith("model.name_or_path=") for o in args.overrides):
+        args.overrides.append(f"model.name_or_path={ROOT / 'assets' / 'models' / 'stories260K-hd32'}")
     base = recipe_mod.load(args.recipe, args.overrides)
     adapter = RunDir.of(base).adapter
-    if args.compare == "engines" and not any(o.startswith("model.name_or_path=") for o in args.overrides):
-        base = recipe_mod.load(args.recipe, [*args.overrides, "model.name_or_path="
-                                             f"{ROOT / 'assets' / 'models' / 'stories260K-hd32'}"])
     if not (adapter / "adapter_config.json").is_file() or args.compare == "engines":
         adapter = tmp / "adapter"
         make_adapter(adapter, base)
     if args.compare == "engines":
-        return compare_engines(args, base, adapter, tmp)
+        return compare_engines(args, adapter, tmp)
     recipes = {}
     for name, batch in (("batched", 32), ("unbatched", 1)):
         recipes[name] = recipe_mod.load(args.recipe, [
@@ -250,13 +257,7 @@ def main():
         print(f"\n{'':10} {'conc':>4} {'req/s':>8} {'tok/s':>8} {'p50 ms':>8} {'p95 ms':>8}")
         for concurrency in (1, 8, 32):
             before = asyncio.run(get_health(endpoints["batched"].url))
-            best = {}
-            for _ in range(args.repeats):  # alternating, so that both see the same load
-                for name, ep in endpoints.items():
-                    run = asyncio.run(load(ep.url, ep.token, concurrency, args.rounds, args.max_tokens, "bench"))
-                    if name not in best or run[0] > best[name][0]:
-                        best[name] = run
-            for name, (rps, tps, lat) in best.items():
+            for name, (rps, tps, lat) in best_runs(args, endpoints, concurrency, "bench").items():
                 results[name, concurrency] = rps
                 print(f"{name:10} {concurrency:>4} {rps:8.1f} {tps:8.0f} {percentile(lat, 50) * 1e3:8.1f} "
                       f"{percentile(lat, 95) * 1e3:8.1f}", flush=True)
@@ -266,12 +267,7 @@ def main():
         one = one_token_latencies(recipes["batched"], endpoints, "bench", args.one_token)
         finished = True
     finally:
-        for ep in endpoints.values():
-            ep.stop()
-        if finished:
-            shutil.rmtree(tmp)
-        else:
-            print(f"failed; the endpoints' logs are in {tmp}", file=sys.stderr)
+        stop_all(endpoints, tmp, finished)
     direct_times = one.pop("direct")
     direct = statistics.median(direct_times)
 
