@@ -29,9 +29,8 @@ def stage_rows(run: RunDir) -> List[Dict[str, str]]:
                       "Reason": ""} for j, s in records.live_states(records.job_ids(entry)).items()]
         else:
             found = records.sacct(records.job_ids(entry), FIELDS, attempts=True)
-            for k, r in enumerate(found):
-                later = any(q["JobID"] == r["JobID"] for q in found[k + 1:])
-                rows.append({"stage": stage, **r, "earlier": later})
+            current = {r["JobID"]: k for k, r in enumerate(found)}  # each job's last run, oldest first
+            rows += [{"stage": stage, **r, "earlier": current[r["JobID"]] != k} for k, r in enumerate(found)]
     return rows
 
 
