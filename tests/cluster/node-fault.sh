@@ -50,12 +50,8 @@ case $action in
             sleep 0.1
         done
         start "slurmd-$node" slurmd -D -N "$node"
-        for _ in $(seq 300); do  # until slurmctld has it back (a requeued job may take it at once)
-            state=$(sinfo -h -n "$node" -o %t 2>/dev/null || true)
-            [[ $state =~ ^(idle|mix|alloc|comp)$ ]] && { log "$node revived ($state)"; exit 0; }
-            sleep 0.2
-        done
-        die "$node did not come back within 60 s (state: ${state:-?})"
+        wait_for "slurmd-$node" "$node back in service" nodes_up  # a requeued job may take it at once
+        log "$node revived"
         ;;
     *) usage ;;
 esac
