@@ -208,6 +208,46 @@ def test_load_splits_reads_shards_without_writing_into_them(tmp_path, make_recip
     assert after == [x for x in before if x[0] != "manifest.json"]
 
 
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_a_damaged_shard_is_named_and_tokenized_again(tmp_path, make_recipe, damage):
+    """An arrow file of a finished shard is cut short (a copy or a disk that failed) or garbled at the same size.
+    Training used to fail with Arrow's "Expected to be able to read N bytes" naming no shard, and every resubmission
+    skipped the shard (its marker was there) and failed the same way. Now the training names the shard and the file
+    in one line and withdraws the shard's marker, and the launcher's check (shards_status) finds a truncated shard
+    before anything starts; either way the next submission tokenizes that shard alone again."""
+    data = write_jsonl(tmp_path / "d.jsonl", SAMPLE[:200])
+    recipe = make_recipe(sources((data, "alpaca")), "data.num_shards=2")
+    run_all(recipe, 2)
+    out = preprocess.output_dir(recipe)
+    shard = out / preprocess.shard_name(1, 2)
+    (arrow,) = shard.glob("*.arrow")
+    size, before = arrow.stat().st_size, arrow.read_bytes()  # (read, not memory-mapped: the test truncates it)
+    if damage == "truncate":
+        os.truncate(arrow, size // 2)
+    else:
+        arrow.write_bytes(b"\0" * size)
+    with pytest.raises(DataError) as failed:
+        load_splits(recipe)
+    message = str(failed.value)
+    assert "\n" not in message and f"{shard}: shard 1 of 2 is damaged" in message, message
+    if damage == "truncate":
+        assert f"{arrow.name} is {size // 2:,} bytes, {size:,} when written (truncated)" in message, message
+    else:
+        assert "cannot be read" in message, message
+    assert "tokenizes it again" in message
+    status = preprocess.shards_status(recipe)
+    assert status["missing"] == [1] and status["complete"] == [0], status
+
+    # The launcher's own check, before training: a truncated shard found and withdrawn at submission.
+    preprocess.run_shard(recipe, 1, 2)
+    assert arrow.read_bytes() == before  # the same rows again
+    os.truncate(arrow, size - 1)
+    status = preprocess.shards_status(recipe)
+    assert status["missing"] == [1] and "(truncated)" in status["damaged"][1], status
+    preprocess.run_shard(recipe, 1, 2)
+    assert preprocess.shards_status(recipe)["ready"] and arrow.read_bytes() == before
+
+
 def test_status_and_shards_run_by_hand_with_another_count(tmp_path, make_recipe):
     data = write_jsonl(tmp_path / "d.jsonl", SAMPLE[:40])
     recipe = make_recipe(sources((data, "alpaca")), "data.num_shards=2")

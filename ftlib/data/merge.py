@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from ftlib.data import DataError
-from ftlib.data.preprocess import complete_shards, has_manifest, rows_rejected
+from ftlib.data.preprocess import complete_shards, has_manifest, invalidate_shard, rows_rejected, verify_shard
 from ftlib.rundir import read_json
 
 
@@ -39,12 +39,17 @@ def load_splits(recipe):
     if rejected:
         raise DataError(rejected)
     parts = []
-    for d in dirs:
-        shard = datasets.load_from_disk(str(d))
+    for index, d in enumerate(dirs):
+        why = verify_shard(d.parent, index, len(dirs))
+        try:
+            shard = datasets.load_from_disk(str(d)) if why is None else None
+        except Exception as e:  # sizes intact, content not: Arrow's own error, which names no shard
+            shard, why = None, f"it cannot be read: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
         expected = read_json(d.with_name(d.name + ".done.json"))["rows_written"]
-        if len(shard) != expected:
-            raise DataError(f"{d}: holds {len(shard)} rows but its marker says {expected}; delete the folder and its "
-                            f".done.json and run the preprocess stage again")
+        if why is None and len(shard) != expected:
+            why = f"it holds {len(shard)} rows, {expected} when written"
+        if why is not None:
+            raise DataError(invalidate_shard(d.parent, index, len(dirs), why))
         if len(shard):  # (an empty shard's table has no record batches, which concatenation cannot take)
             parts.append(shard)
     if not parts:

@@ -210,6 +210,7 @@ def run_shard(recipe, index: int, num_shards: int) -> Path:
                 return final
             publish_dir(tmp, final)  # (replaces a folder left by a run killed between its rename and its marker)
             stats["seconds"] = round(time.time() - started, 3)
+            stats["files"] = _files_of(final)  # what verify_shard checks before the shard is trusted
             write_json(marker, stats)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -221,6 +222,48 @@ def run_shard(recipe, index: int, num_shards: int) -> Path:
     with no_space_in_one_line(out, "manifest.json"):
         _manifest_if_last(recipe, out, num_shards)
     return final
+
+
+def _files_of(shard: Path) -> Dict[str, int]:
+    """{path relative to the shard: bytes} of every file of a written shard."""
+    return {str(p.relative_to(shard)): p.stat().st_size for p in sorted(shard.rglob("*")) if p.is_file()}
+
+
+def verify_shard(out: Path, index: int, num_shards: int) -> Optional[str]:
+    """None if shard `index` holds the files its marker recorded, with their sizes; else what is wrong, e.g.
+    "data-00000-of-00001.arrow is 1,024 bytes, 2,206,672 when written (truncated)". A stat per file: cheap enough
+    for every launch and every training start. (Markers written before they listed files pass.)"""
+    recorded = (read_json(_marker(out, index, num_shards), {}) or {}).get("files")
+    if recorded is None:
+        return None
+    shard = out / shard_name(index, num_shards)
+    problems = []
+    for rel, size in recorded.items():
+        try:
+            now = (shard / rel).stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{rel} is missing")
+            continue
+        if now != size:
+            how = "truncated" if now < size else "longer than written"
+            problems.append(f"{rel} is {now:,} bytes, {size:,} when written ({how})")
+    if not problems:
+        return None
+    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+
+
+def invalidate_shard(out: Path, index: int, num_shards: int, why: str) -> str:
+    """Take back a damaged shard's marker (kept aside as .damaged.json), so that the next submission tokenizes it
+    again; returns the one line that says so."""
+    marker = _marker(out, index, num_shards)
+    try:
+        os.replace(marker, marker.with_name(marker.name.replace(".done.json", ".damaged.json")))
+        taken = "its completion marker is withdrawn: the next `make train` or `make preprocess` tokenizes it again"
+    except FileNotFoundError:
+        taken = "its completion marker was already withdrawn: the next submission tokenizes it again"
+    except OSError as e:  # a shared cache of another user's
+        taken = f"its marker could not be withdrawn ({e.strerror}): ask the cache's owner, or use another data.cache_dir"
+    return f"{out / shard_name(index, num_shards)}: shard {index} of {num_shards} is damaged: {why}; {taken}"
 
 
 def _manifest_if_last(recipe, out: Path, num_shards: int) -> None:
@@ -399,6 +442,12 @@ def shards_status(recipe) -> dict:
     """Which shards of the recipe's output are complete, for the launcher's "what is left to do". `num_shards` is
     the recipe's, unless only another count (a hand-submitted array of another size) is complete."""
     out = output_dir(recipe)
+    damaged = {}
+    for n, indices in _done_markers(out).items():  # a damaged shard is not done: withdraw its marker
+        for index in indices:
+            why = verify_shard(out, index, n)
+            if why:
+                damaged[index] = invalidate_shard(out, index, n, why)
     done = _done_markers(out)
     n = _complete_count(done, recipe.data.num_shards) or recipe.data.num_shards
     complete = sorted(done.get(n, {}))
@@ -411,6 +460,7 @@ def shards_status(recipe) -> dict:
         "complete": complete,
         "missing": [i for i in range(n) if i not in complete],
         "in_progress": running,  # temporary folders: running now, or killed
+        "damaged": damaged,  # {index: what was wrong}: found damaged now, marker withdrawn (so among "missing")
         "manifest": manifest,  # the stage's last step is done
         "rejected": rejected,  # too many malformed rows: why
         "ready": len(complete) == n and manifest and not rejected,  # the training can read it
