@@ -223,10 +223,9 @@ def cmd_logs(args):
 
 
 def cmd_cancel(args):
-    from launcher.status import cancel
+    from launcher.status import cancel_and_wait
 
-    ids = cancel(RunDir(args.run))
-    print(f"cancelled {', '.join(ids)}" if ids else "no Slurm jobs recorded for this run")
+    print(cancel_and_wait(RunDir(args.run)))
 
 
 def cmd_shard(args):

@@ -130,6 +130,15 @@ def all_ranks_sum(values, device="cpu") -> list:
     return t.tolist()
 
 
+def from_rank0(value):
+    """Rank 0's `value` on every rank (a picklable object; unchanged without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    holder = [value if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

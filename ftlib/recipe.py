@@ -263,6 +263,9 @@ class TrainConfig:
     save_steps: int = opt(1000, "Checkpoint every this many steps.")
     save_total_limit: int = opt(3, "Keep at most this many checkpoints.")
     rendezvous_timeout_s: int = opt(300, "Fail, naming the missing ranks, if not all ranks join within this time.")
+    stall_timeout_s: int = opt(300, "End the job, naming the rank, when no rank has made progress for this long (at "
+                               "least 3x the slowest step, evaluation or checkpoint seen in the run); collectives time "
+                               "out 60 s later. Raise it for runs whose single steps take minutes.")
     sample_prompts: List[str] = opt(["Give three tips for staying healthy."],
                                     "Instructions whose generations are logged at each evaluation.")
     sample_max_new_tokens: int = opt(32, "Tokens generated per sample prompt.")
@@ -270,6 +273,8 @@ class TrainConfig:
     def __post_init__(self):
         _positive(self, "global_batch_size", "micro_batch_size", "eval_steps", "save_steps", "logging_steps",
                   "learning_rate")
+        if self.stall_timeout_s < 10:
+            raise Invalid(self, "stall_timeout_s", f"must be at least 10 s, got {self.stall_timeout_s}")
 
 
 @dataclass

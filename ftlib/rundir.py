@@ -8,11 +8,13 @@ runs/<name>/
   deepspeed.json         the DeepSpeed configuration the training used
   tensorboard/           TensorBoard event files
   checkpoints/           Trainer/DeepSpeed checkpoints (checkpoint-<step>/)
-  adapter/               the LoRA adapter, PEFT format
+  heartbeat/             while training: each rank's heartbeat; stalled.json when the watchdog ended a job
+  adapter/               the LoRA adapter, PEFT format (+ trained.json: the step it was trained to)
   merged/                the merged full model (`make export`)
   endpoint.json          where the endpoint listens, while serving
   serve_token            the endpoint's API token (mode 600; endpoint.json names this file, never the token)
   serve_head.json        while a serve job runs: its Ray head's address and cluster token for the other nodes (mode 600)
+  stopped.json           the last time training stopped on a signal: why (cancelled, time limit, ...), step, checkpoint
   eval/                  `make eval`: results.json, generations.md
   report.md, plots/      `make report`
 
@@ -52,6 +54,7 @@ class RunDir:
     endpoint = property(lambda self: self.root / "endpoint.json")
     token = property(lambda self: self.root / "serve_token")
     serve_head = property(lambda self: self.root / "serve_head.json")
+    stopped = property(lambda self: self.root / "stopped.json")  # the last stop of training by a signal, and why
     report = property(lambda self: self.root / "report.md")
     plots = property(lambda self: self.root / "plots")
     eval = property(lambda self: self.root / "eval")

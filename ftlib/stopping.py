@@ -49,11 +49,13 @@ class Stop:
     def __init__(self, signals: Iterable[int] = ()):
         self.signals: Tuple[int, ...] = tuple(signals)
         self.received: Optional[int] = None
+        self.received_at: Optional[float] = None  # time.monotonic() of the first signal
         self._event = threading.Event()
 
     def set(self, signum: Optional[int] = None) -> None:
         """Stop (from any thread, never from a signal handler)."""
         if signum is not None and self.received is None:
+            self.received_at = time.monotonic()
             self.received = signum
         self._event.set()
 
@@ -74,8 +76,9 @@ class Stop:
     def signal_name(self) -> Optional[str]:
         return signal.Signals(self.received).name if self.received is not None else None
 
-    def _record(self, signum, frame) -> None:  # the signal handler: an assignment, no lock
+    def _record(self, signum, frame) -> None:  # the signal handler: assignments, no lock
         if self.received is None:
+            self.received_at = time.monotonic()
             self.received = signum
 
 

@@ -14,27 +14,34 @@ What one call does, top to bottom:
      sha256 its marker recorded: a damaged one is moved aside (one line naming it and the file) for the one before;
      with none intact, every rank stops (DamagedCheckpoint) instead of training on it. A checkpoint of the last
      step gives the adapter directly (resuming there would train a step past max_steps);
-  6. trains. After every optimizer step the ranks agree (all-reduce) whether any of them got a signal; if so they
-     all save a complete checkpoint of this step and stop -> returns "interrupted" (the launcher requeues; the next
-     call resumes by itself);
-  7. otherwise writes the adapter atomically to adapter/ -> returns "completed".
+  6. trains. After every optimizer step the ranks agree (all-reduce) whether any of them got a signal; if so rank 0
+     asks the launcher why (StopReason: launcher/jobs.py asks Slurm). A time limit or preemption: all save a complete
+     checkpoint of this step and stop -> returns "interrupted" (the launcher requeues; the next call resumes by
+     itself). A cancel: they save one if it fits in the site's grace time and stop -> returns "cancelled", for good.
+     Meanwhile a watchdog thread on every rank (ftlib.watchdog) ends the job, naming the rank, when no rank has made
+     progress for train.stall_timeout_s; collectives time out a minute after that, so nothing waits forever;
+  7. otherwise writes the adapter atomically to adapter/ (with trained.json: the step it reached) -> "completed".
+     A finished run whose recipe now asks for more steps continues from its last checkpoint instead.
 A full disk or quota while a checkpoint is written fails every rank with one line (checkpoints.NoSpace: the folder,
 the checkpoint, the space left) and leaves no marker; the rerun resumes from the last complete checkpoint.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
 import os
 import resource
+import secrets
 import shutil
 import signal
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import transformers
@@ -45,37 +52,55 @@ from ftlib import checkpoints, progress
 from ftlib.data.collate import make_collator
 from ftlib.data.formats import build_prompt
 from ftlib.data.merge import load_splits
-from ftlib.distributed import DistEnv, all_ranks_any, all_ranks_sum, backend, barrier, join
+from ftlib.distributed import DistEnv, all_ranks_any, all_ranks_sum, backend, barrier, from_rank0, join
 from ftlib.errors import UserError
 from ftlib.model import is_zero3, load_model, load_tokenizer
-from ftlib.rundir import RunDir, publish_dir, write_json
+from ftlib.rundir import RunDir, publish_dir, read_json, write_json
 from ftlib.stopping import Stop, stop_on
+from ftlib.watchdog import Watchdog
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+COLLECTIVE_MARGIN_S = 60  # collectives time out this long after the watchdog would have named a stalled rank
 # Recipe optimizer -> TrainingArguments.optim ("adam_8bit", the notebook's bnb Adam8bit, is passed as a class).
 OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}
 
 
-def train(recipe) -> str:
-    """Train (or resume) the run of `recipe` in this rank. Returns "completed" or "interrupted"."""
+def train(recipe, why_stopped: Optional[Callable[[Optional[int]], "StopReason"]] = None) -> str:
+    """Train (or resume) the run of `recipe` in this rank. Returns "completed", "interrupted" (stopped by a signal
+    after a complete checkpoint: the launcher requeues) or "cancelled" (stopped for good).
+
+    `why_stopped(signum)` is the launcher's answer to "why did this stop signal come?" (launcher/jobs.py asks Slurm),
+    called on rank 0 once the ranks agree to stop; without it every stop signal checkpoints and ends "interrupted"."""
     env = DistEnv.from_environ()
     run = RunDir.of(recipe)
     _quiet_libraries()
     with StopSignals() as stop, _single_process_env(env):
-        join(env, recipe.train.rendezvous_timeout_s)
+        # A collective that waits longer than the stall budget fails instead of hanging (the watchdog names the
+        # stalled rank first); no stop path can hang until the time limit.
+        join(env, recipe.train.rendezvous_timeout_s,
+             collective_timeout=datetime.timedelta(seconds=recipe.train.stall_timeout_s + COLLECTIVE_MARGIN_S))
         try:
-            outcome = _train(recipe, env, run, stop)
+            outcome = _train(recipe, env, run, stop, why_stopped or interrupted)
             barrier()  # nobody leaves while another rank still writes
             return outcome
         finally:
             torch.distributed.destroy_process_group()
 
 
-def _train(recipe, env: DistEnv, run: RunDir, stop: Stop) -> str:
+def _train(recipe, env: DistEnv, run: RunDir, stop: Stop, why_stopped) -> str:
     say = _printer(env)
     if run.training_done:
-        say(f"already trained: {run.adapter} exists; nothing to do")
-        return "completed"
+        more = more_steps_asked(recipe)
+        if more is None:
+            say(f"already trained: {run.adapter} exists; nothing to do")
+            return "completed"
+        if checkpoints.latest_complete(run.checkpoints) is None:
+            raise UserError(f"{more.split(':')[0]}, but {run.checkpoints} holds no complete checkpoint to continue "
+                            f"from: start a new run (another run.name) to train that long")
+        say(more)
+        barrier()  # every rank has seen adapter/ before rank 0 moves it aside
+        if env.rank == 0:
+            publish_dir(run.adapter, run.root / f"adapter.step-{trained_steps(run)}")
     refusal: Optional[UserError] = None
     if env.rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
@@ -101,14 +126,14 @@ def _train(recipe, env: DistEnv, run: RunDir, stop: Stop) -> str:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend())  # adopts the group joined above (ZeRO-3 init needs it)
-    if all_ranks_any(refusal is not None, device=args.device):  # every rank stops, none waits for the others
-        raise refusal or UserError(f"rank {env.rank}: not training: rank 0 found no intact checkpoint to resume "
-                                   f"from (its log says which file is damaged)")
+    refused = from_rank0(str(refusal) if refusal is not None else None)
+    if refused is not None:  # every rank stops with the same line naming the file, none waits for the others
+        raise checkpoints.DamagedCheckpoint(refused)
     if resume is not None and _finished_at(recipe, resume):
         # The run ended at this checkpoint but the adapter was never written: take it from the checkpoint. Resuming
         # would make the Trainer run one step past max_steps.
         if env.rank == 0:
-            publish_adapter_from(resume, run)
+            publish_adapter_from(resume, run, recipe)
         barrier()
         say(f"training had finished at {resume.name} (train.max_steps={recipe.train.max_steps}); adapter written "
             f"from it to {run.adapter}")
@@ -122,25 +147,32 @@ def _train(recipe, env: DistEnv, run: RunDir, stop: Stop) -> str:
             f"{len(eval_ds) if eval_ds is not None else 0:,} evaluation sequences; world size {env.world_size}, "
             f"gradient accumulation {args.gradient_accumulation_steps}")
 
-    signal_stop = StopOnSignal(stop, say)
+    signal_stop = StopOnSignal(stop, say, why_stopped, env)
+    # A rank that stops making progress ends the job, named (ftlib.watchdog); started once training begins.
+    watch = Watchdog(run, env, recipe.train.stall_timeout_s, from_rank0(secrets.token_hex(8)), say)
     writer = _tensorboard_writer(run, resume) if env.rank == 0 else None
-    callbacks = [signal_stop, ProgressLines(say), SampleGenerations(recipe, tokenizer, writer, env)]
+    callbacks = [signal_stop, ProgressLines(say), SampleGenerations(recipe, tokenizer, writer, env, watch),
+                 WatchProgress(watch)]
     if writer is not None:
         callbacks.append(TensorBoardCallback(tb_writer=writer))
     trainer = LoraTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=make_collator(recipe, tokenizer), processing_class=tokenizer, callbacks=callbacks,
-        optimizer_cls_and_kwargs=_notebook_adam8bit(recipe), keep_checkpoints=recipe.train.save_total_limit)
+        optimizer_cls_and_kwargs=_notebook_adam8bit(recipe), keep_checkpoints=recipe.train.save_total_limit,
+        watchdog=watch)
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts; ProgressLines prints readable lines
+    signal_stop.last_save_s = lambda: trainer.last_save_s
     if resume is not None:
         say(f"resuming from {resume} (step {checkpoints.step_of(resume)})")
-    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-    say(f"peak memory: {_peak_memory_text()}", every_rank=True)
-
-    if signal_stop.stopped:
-        say(f"stopped by {signal_stop.signal_name} after a complete checkpoint at step {trainer.state.global_step}")
-        return "interrupted"
-    save_adapter(trainer, run, env)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        say(f"peak memory: {_peak_memory_text()}", every_rank=True)
+        if signal_stop.stopped:
+            return _record_stop(signal_stop, trainer.state.global_step, run, env, say)
+        watch.progress()
+        save_adapter(trainer, run, env)
+    finally:
+        watch.stop()
     say(f"adapter written to {run.adapter}")
     return "completed"
 
@@ -244,16 +276,20 @@ class LoraTrainer(Trainer):
     """The HF Trainer plus: checkpoints marked complete after all ranks saved (and rotated only among complete
     ones), and tokens/s and padding fraction added to every training log."""
 
-    def __init__(self, *args, keep_checkpoints: Optional[int] = None, **kwargs):
+    def __init__(self, *args, keep_checkpoints: Optional[int] = None, watchdog: Optional[Watchdog] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.keep_checkpoints = keep_checkpoints
+        self.watchdog = watchdog
         self._tokens = torch.zeros(2, dtype=torch.float64)  # non-padding tokens, all tokens (this rank)
         self._clock: Optional[float] = None  # starts with the first training step, after all the set-up
         self._paused = 0.0  # seconds spent evaluating and saving since the last log
+        self.last_save_s: Optional[float] = None  # how long the last checkpoint took (a cancel's grace time check)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._clock is None:
             self._clock = time.monotonic()
+        if self.watchdog is not None:
+            self.watchdog.progress(micro=True)
         real = count_real_tokens(inputs, self.processing_class.pad_token_id)
         self._tokens += torch.tensor([real, inputs["input_ids"].numel()], dtype=torch.float64)
         return super().training_step(model, inputs, num_items_in_batch)
@@ -270,6 +306,11 @@ class LoraTrainer(Trainer):
             self._clock, self._paused = now, 0.0
         super().log(logs, start_time)
 
+    def prediction_step(self, *args, **kwargs):
+        if self.watchdog is not None:
+            self.watchdog.progress()  # each evaluation batch
+        return super().prediction_step(*args, **kwargs)
+
     def evaluate(self, *args, **kwargs):
         started = time.monotonic()
         try:
@@ -283,13 +324,16 @@ class LoraTrainer(Trainer):
         # A full disk or quota on any rank: "no space left on <checkpoints>: writing checkpoint-N (... free)" and
         # no marker. A rank whose peer died of it gets a broken connection instead; its probe of the disk finds the
         # same. The rerun removes the partial folder and resumes from the last complete checkpoint.
+        if self.watchdog is not None:
+            self.watchdog.progress()
         with checkpoints.no_space_in_one_line(folder.parent, folder.name):
             super()._save_checkpoint(model, trial)
             barrier()  # every rank has written its shards and RNG state
             if self.args.should_save:
                 checkpoints.mark_complete(folder, self.state.global_step)  # sizes and sha256 of every file
                 checkpoints.rotate(folder.parent, self.keep_checkpoints)
-        self._paused += time.monotonic() - started
+        self.last_save_s = time.monotonic() - started
+        self._paused += self.last_save_s
 
 
 def count_real_tokens(batch, pad_token_id: int) -> int:
@@ -313,8 +357,37 @@ def save_adapter(trainer: Trainer, run: RunDir, env: DistEnv) -> None:
     barrier()
     if env.rank == 0:
         (partial / "training_args.bin").unlink(missing_ok=True)  # the Trainer's extra, not part of an adapter
+        t = trainer.args
+        write_json(partial / TRAINED, {"global_step": trainer.state.global_step, "max_steps": t.max_steps,
+                                       "epochs": t.num_train_epochs})
         publish_dir(partial, run.adapter)
     barrier()
+
+
+TRAINED = "trained.json"  # in adapter/: how far the adapter was trained ({"global_step", "max_steps", "epochs"})
+
+
+def trained_steps(run: RunDir) -> Optional[int]:
+    return (read_json(run.adapter / TRAINED) or {}).get("global_step")
+
+
+def more_steps_asked(recipe) -> Optional[str]:
+    """For a finished run: the line saying that the recipe now asks for more training than adapter/ has had (a
+    larger train.max_steps or train.epochs), which continues from the run's last checkpoint; None otherwise."""
+    run = RunDir.of(recipe)
+    done = read_json(run.adapter / TRAINED)
+    if not done:
+        return None
+    t = recipe.train
+    if t.max_steps > 0 and t.max_steps > done["global_step"]:
+        asked = f"train.max_steps={t.max_steps}"
+    elif t.max_steps <= 0 and done.get("max_steps", -1) <= 0 and t.epochs > done.get("epochs", t.epochs):
+        asked = f"train.epochs={t.epochs:g}"
+    else:
+        return None
+    return (f"{run.adapter} was trained to step {done['global_step']} and the recipe now asks for {asked}: continuing "
+            f"from the last checkpoint (the learning-rate schedule is the new length's from there on); the old adapter "
+            f"is kept as adapter.step-{done['global_step']}")
 
 
 def _finished_at(recipe, checkpoint: Path) -> bool:
@@ -324,13 +397,15 @@ def _finished_at(recipe, checkpoint: Path) -> bool:
     return 0 < steps <= checkpoints.step_of(checkpoint) and bool(checkpoints.adapter_files(checkpoint))
 
 
-def publish_adapter_from(checkpoint: Path, run: RunDir) -> None:
+def publish_adapter_from(checkpoint: Path, run: RunDir, recipe) -> None:
     """adapter/ from the adapter files saved in a checkpoint (the same files save_adapter writes at that step)."""
     partial = run.root / "adapter.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     for f in checkpoints.adapter_files(checkpoint):
         shutil.copy2(f, partial / f.name)
+    write_json(partial / TRAINED, {"global_step": checkpoints.step_of(checkpoint), "max_steps": recipe.train.max_steps,
+                                   "epochs": recipe.train.epochs})
     publish_dir(partial, run.adapter)
 
 
@@ -343,26 +418,93 @@ def StopSignals():  # noqa: N802 (the name callers know; it used to be a class)
     return stop_on(STOP_SIGNALS)
 
 
-class StopOnSignal(TrainerCallback):
-    """At every optimizer-step boundary all ranks agree whether any of them got a stop signal; if so, all save a
-    checkpoint of this step (skipping an evaluation that was due, to stay inside Slurm's grace time) and stop."""
+@dataclass(frozen=True)
+class StopReason:
+    """Why a stop signal came, as the launcher tells it (launcher/jobs.py asks Slurm, never the signal alone).
 
-    def __init__(self, stop: Stop, say):
-        self.stop, self.say = stop, say
+    requeue=True   the job will run again (time limit near, preemption): every rank saves a checkpoint of this step
+                   and training ends "interrupted"; the launcher requeues and the next run resumes there.
+    requeue=False  the job is ending for good (cancelled): a checkpoint of this step is still written if it fits in
+                   `grace_s` (the seconds Slurm leaves between its SIGTERM and its SIGKILL, KillWait), so that a later
+                   `make train` resumes from it; training ends "cancelled" and nothing requeues it."""
+    what: str
+    requeue: bool
+    grace_s: Optional[float] = None
+
+
+def interrupted(signum: Optional[int]) -> StopReason:
+    """Without a launcher to ask: checkpoint and end "interrupted"; the caller decides what follows."""
+    name = signal.Signals(signum).name if signum else "a stop signal on another rank"
+    return StopReason(name, requeue=True)
+
+
+class StopOnSignal(TrainerCallback):
+    """At every optimizer-step boundary all ranks agree whether any of them got a stop signal; if so, rank 0 asks
+    the launcher why (StopReason) and every rank follows its answer: save a checkpoint of this step (skipping an
+    evaluation that was due, to stay inside Slurm's grace time) unless a cancel leaves no time for one, and stop."""
+
+    def __init__(self, stop: Stop, say, why_stopped: Callable[[Optional[int]], StopReason], env: DistEnv):
+        self.stop, self.say, self.why_stopped, self.env = stop, say, why_stopped, env
         self.stopped = False
-        self.signal_name = ""
+        self.reason: Optional[StopReason] = None
+        self.saved = False  # a checkpoint of the stopping step was asked for
+        self.signalled_at: Optional[float] = None  # time.time() of the signal, for the record
+        self.last_save_s: Callable[[], Optional[float]] = lambda: None  # how long the run's last checkpoint took
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
             return control  # the last step: training ends (with a checkpoint) and the adapter is written anyway
-        if all_ranks_any(self.stop.received is not None, device=args.device):
-            self.stopped = True
-            self.signal_name = self.stop.signal_name or "another rank"
-            self.say(f"stop requested ({self.signal_name}): saving checkpoint-{state.global_step} on every rank")
-            control.should_save = True
-            control.should_evaluate = False
-            control.should_training_stop = True
+        if not all_ranks_any(self.stop.received is not None, device=args.device):
+            return control
+        decision = None
+        if self.env.rank == 0:
+            reason = self.why_stopped(self.stop.received)
+            save, note = self._checkpoint_fits(reason)
+            decision = (reason, save, note, time.time() - self._seconds_since_signal())
+        self.reason, save, note, self.signalled_at = from_rank0(decision)
+        self.stopped, self.saved = True, save
+        step = state.global_step
+        self.say(f"stop requested ({self.reason.what}): "
+                 + (f"saving checkpoint-{step} on every rank" if save else f"no checkpoint of step {step}: {note}")
+                 + ("" if self.reason.requeue else "; the job will not be requeued"))
+        control.should_save = save
+        control.should_evaluate = False
+        control.should_training_stop = True
         return control
+
+    def _seconds_since_signal(self) -> float:
+        return time.monotonic() - self.stop.received_at if self.stop.received_at is not None else 0.0
+
+    def _checkpoint_fits(self, reason: StopReason) -> Tuple[bool, str]:
+        """Whether to write a checkpoint of this step, and if not, why. A requeue always saves (the next run needs
+        it); a cancel saves if the last checkpoint's duration fits in what is left of the grace time (when nothing
+        says how long one takes, it tries: an unfinished checkpoint has no marker and is never resumed from)."""
+        if reason.requeue or reason.grace_s is None:
+            return True, ""
+        left = reason.grace_s - self._seconds_since_signal()
+        took = self.last_save_s()
+        if took is None or took * 1.2 < left:
+            return True, ""
+        return False, (f"the last checkpoint took {took:.0f} s and only {max(left, 0):.0f} s of the site's "
+                       f"{reason.grace_s:.0f} s grace time (KillWait) are left")
+
+
+def _record_stop(signal_stop: StopOnSignal, step: int, run: RunDir, env: DistEnv, say) -> str:
+    """After a stop: say what happened and, on rank 0, write it to the run's stopped.json for `make status` and
+    `make cancel` ({"how", "at", "step", "checkpoint", "job"}). Returns the outcome."""
+    reason = signal_stop.reason
+    kept = checkpoints.latest_complete(run.checkpoints)
+    if env.rank == 0:
+        at = datetime.datetime.fromtimestamp(signal_stop.signalled_at).isoformat(timespec="seconds")
+        write_json(run.stopped, {"how": reason.what, "requeue": reason.requeue, "at": at, "step": step,
+                                 "checkpoint": kept.name if kept else None,
+                                 "job": os.environ.get("SLURM_JOB_ID")})
+    if reason.requeue:
+        say(f"stopped ({reason.what}) after a complete checkpoint at step {step}")
+        return "interrupted"
+    say(f"{reason.what}: stopped after step {step}; "
+        + (f"{kept.name} kept: `make train` with this recipe resumes from it" if kept else "no checkpoint kept"))
+    return "cancelled"
 
 
 # ----------------------------------------------------------------------------------------------------- logging
@@ -393,7 +535,8 @@ class SampleGenerations(TrainerCallback):
     """At each evaluation, greedy generations from the fixed `train.sample_prompts` (in the recipe's prompt style)
     go to TensorBoard as text, so a run's progress can be read, not only plotted."""
 
-    def __init__(self, recipe, tokenizer, writer, env: DistEnv):
+    def __init__(self, recipe, tokenizer, writer, env: DistEnv, watch: Optional[Watchdog] = None):
+        self.watch = watch
         self.prompts = list(recipe.train.sample_prompts)
         self.max_new_tokens = recipe.train.sample_max_new_tokens
         self.recipe, self.tokenizer, self.writer, self.env = recipe, tokenizer, writer, env
@@ -408,6 +551,8 @@ class SampleGenerations(TrainerCallback):
         texts = []
         with torch.no_grad():
             for instruction in self.prompts:
+                if self.watch is not None:
+                    self.watch.progress()
                 prompt = build_prompt(instruction, self.recipe.data.prompt_style)  # as serving formats it
                 enc = self.tokenizer(prompt, return_tensors="pt").to(args.device)
                 out = model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False, use_cache=True,
@@ -419,6 +564,26 @@ class SampleGenerations(TrainerCallback):
             for i, text in enumerate(texts):
                 self.writer.add_text(f"samples/{i}", text, state.global_step)
             self.writer.flush()
+
+
+class WatchProgress(TrainerCallback):
+    """Starts the watchdog once training begins (after the model, optimizer and DeepSpeed are set up) and marks the
+    end of every optimizer step, evaluation and checkpoint as progress."""
+
+    def __init__(self, watch: Watchdog):
+        self.watch = watch
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.watch.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.watch.progress(step=state.global_step)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.watch.progress()
+
+    def on_save(self, args, state, control, **kwargs):
+        self.watch.progress()
 
 
 def _tensorboard_writer(run: RunDir, resume: Optional[Path]):

@@ -117,8 +117,8 @@ class Slurm:
         _record(run, self.name, sub)
         arrays = f" as {len(sub.job_ids)} arrays ({', '.join(sub.job_ids)}; the site's MaxArraySize)" \
             if len(sub.job_ids) > 1 else ""
-        print(f"[{stage.name}] submitted job {sub.job_id}" + (f" ({len(sub.tasks)} array tasks{arrays})" if sub.tasks
-                                                                else "") + (f", after {after.job_id}" if after else ""))
+        tasks = f" ({len(sub.tasks)} array task{'s' * (len(sub.tasks) != 1)}{arrays})" if sub.tasks else ""
+        print(f"[{stage.name}] submitted job {sub.job_id}{tasks}" + (f", after {after.job_id}" if after else ""))
         return sub
 
 

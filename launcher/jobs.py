@@ -20,16 +20,19 @@ env/requirements.lock; recheck them when upgrading):
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import submitit
 
 from ftlib.rundir import use_private_files
 from ftlib.stage import check_offline
+from launcher import records
 
 
 def preprocess_shard(recipe, index: int, num_shards: int) -> str:
@@ -43,9 +46,11 @@ def preprocess_shard(recipe, index: int, num_shards: int) -> str:
 
 class Train(submitit.helpers.Checkpointable):
     """One task of the (multi-node) training job. Every task runs this; together they form one torch.distributed
-    group. On USR1/USR2 ftlib.train saves a complete checkpoint on all ranks and returns "interrupted"; then rank 0
-    hands the signal to submitit, which calls `checkpoint()` below and requeues the job. The requeued job calls
-    `ftlib.train.train` again, which resumes from the latest complete checkpoint by itself."""
+    group. On a stop signal, rank 0 asks Slurm why (slurm_stop_reason). Time limit or preemption: ftlib.train saves
+    a complete checkpoint on all ranks and returns "interrupted"; then rank 0 hands the signal to submitit, which
+    calls `checkpoint()` below and requeues the job. The requeued job calls `ftlib.train.train` again, which resumes
+    from the latest complete checkpoint by itself. Cancelled: training saves a checkpoint if it fits in the site's
+    KillWait and returns "cancelled", and nothing requeues the job."""
 
     def __call__(self, recipe) -> str:
         use_private_files(recipe)
@@ -62,18 +67,80 @@ class Train(submitit.helpers.Checkpointable):
             os.environ.update(task_device(os.environ, dist_env.local_rank))
         from ftlib.train import train
 
-        outcome = train(recipe)
+        outcome = train(recipe, why_stopped=slurm_stop_reason if os.environ.get("SLURM_JOB_ID") else None)
         if outcome == "interrupted":
             env = submitit.JobEnvironment()
             if env.global_rank == 0:
                 signal.raise_signal(submitit.JobEnvironment._usr_sig())  # submitit: checkpoint() + requeue + exit
-            # Other ranks wait to be stopped by the requeue rather than report a result for a job that continues.
+            # Other ranks wait to be stopped by the requeue rather than report a result for a job that continues. The
+            # requeue's SIGTERM ends them (submitit only logs it), instead of the SIGKILL a KillWait later.
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
             time.sleep(300)
             sys.exit(1)
         return outcome
 
     def checkpoint(self, recipe) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(self, recipe)
+
+
+# What `scontrol show job` calls a job that is ending (COMPLETING, whatever the cause, while its processes stop).
+ENDING = ("COMPLETING", "CANCELLED", "TIMEOUT", "PREEMPTED", "REQUEUED", "NODE_FAIL", "FAILED", "COMPLETED")
+
+
+def slurm_stop_reason(signum: Optional[int]):
+    """Why this training job got a stop signal, from what Slurm says of the job at that moment, never from the
+    signal alone (a `scancel` and a preemption both send SIGTERM):
+
+      the job runs on (RUNNING)      a warning: Slurm's --signal before the time limit, a preemption notice, or
+                                     `scancel --signal=USR2` -> checkpoint and requeue. A SIGTERM while Slurm runs
+                                     the job on and preempts nothing is nobody's warning -> stop, no requeue.
+      the job is ending (COMPLETING) accounting says why: CANCELLED (scancel, `make cancel`) -> stop for good,
+                                     checkpoint only if it fits in KillWait; TIMEOUT, PREEMPTED, REQUEUED, NODE_FAIL
+                                     -> checkpoint and requeue. Without accounting: Reason=TimeLimit or a new restart
+                                     count mean the same; an ending job that is neither was cancelled.
+    """
+    from ftlib.train import StopReason
+
+    job = os.environ["SLURM_JOB_ID"]
+    grace = records.kill_wait_s()
+    now = records.job_now(job)
+    if now.get("JobState", "") not in ENDING:
+        if now.get("PreemptTime", "None") not in ("None", "Unknown", ""):
+            return StopReason("preempted", requeue=True, grace_s=grace)
+        if signum == signal.SIGTERM:
+            return StopReason("SIGTERM while Slurm runs the job on (no cancel, time limit or preemption)",
+                              requeue=False, grace_s=grace)
+        left = _seconds(now.get("TimeLimit", "")) - _seconds(now.get("RunTime", ""))
+        return StopReason("time limit near" if 0 <= left <= 600 else "preemption notice", requeue=True, grace_s=grace)
+    accounted = ""
+    for _ in range(5):  # slurmctld tells slurmdbd asynchronously: give it a moment to hear of the cancel
+        accounted = records.accounted_state(job) or ""
+        if not accounted or not accounted.startswith(("RUNNING", "PENDING")):
+            break
+        time.sleep(0.5)
+    restarted = now.get("Restarts", "0") != os.environ.get("SLURM_RESTART_COUNT", "0")
+    if accounted.startswith("CANCELLED") or not (accounted or now.get("Reason") == "TimeLimit" or restarted):
+        by = re.search(r"by (\d+)", accounted)
+        return StopReason("cancelled" + (f" by {_user(int(by.group(1)))}" if by else ""), requeue=False,
+                          grace_s=grace)
+    if accounted.startswith("TIMEOUT") or now.get("Reason") == "TimeLimit":
+        return StopReason("time limit", requeue=True, grace_s=grace)
+    return StopReason(f"{(accounted or 'requeued').split()[0].lower().replace('_', ' ')} (Slurm)", requeue=True,
+                      grace_s=grace)
+
+
+def _seconds(text: str) -> float:
+    """Slurm's [D-]HH:MM:SS -> seconds (-1 when absent or UNLIMITED)."""
+    return records.parse_elapsed(text) if re.fullmatch(r"(\d+-)?[\d:]+", text or "") else -1.0
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def task_device(environ, local_rank: int) -> dict:
@@ -115,14 +182,15 @@ def prebuild_ops(recipe) -> None:
     if recipe.resources.train.gpus_per_node > 0 or not recipe.deepspeed.enabled:
         return
     # Always asked (~5 s when it is up to date): torch rebuilds the op whenever its build inputs changed (a new
-    # checkout or venv path), which a check for an existing .so would miss, and the job would compile after all.
-    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    if not any(cache.glob("*/deepspeed_shm_comm/deepspeed_shm_comm*.so")):
-        print("[train] building DeepSpeed's deepspeed_shm_comm op once, outside the job (~30 s) ...", flush=True)
-    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    # checkout or venv path). The build itself says where the op is: torch's folder layout differs with and
+    # without TORCH_EXTENSIONS_DIR.
+    print("[train] checking DeepSpeed's deepspeed_shm_comm op (built once, outside the job: ~30 s the first time)",
+          flush=True)
+    code = "from deepspeed.comm.torch import build_shm_op; op = build_shm_op(); print(op.__file__ if op else '')"
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DS_ACCELERATOR": "cpu"},
                           capture_output=True, text=True, timeout=900)
-    if done.returncode != 0 or not any(cache.glob("*/deepspeed_shm_comm/deepspeed_shm_comm*.so")):
+    built = done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else ""
+    if not (built and Path(built).is_file()):
         # Not fatal: DeepSpeed then builds it inside the job, as it would without this step.
         tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
         print(f"[train] warning: could not prebuild deepspeed_shm_comm ({tail}); the job will build it", flush=True)

@@ -210,16 +210,48 @@ def cancel(ids: List[str]) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def max_array_size() -> Optional[int]:
-    """The site's MaxArraySize (array indices must stay below it), from `scontrol show config`; None if unknown."""
+def slurm_config() -> Dict[str, str]:
+    """`scontrol show config` as {name: value} ({} when scontrol is unavailable)."""
     if not shutil.which("scontrol"):
-        return None
+        return {}
     try:
         out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
-        return None
-    found = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.M)
-    return int(found.group(1)) if found and int(found.group(1)) > 0 else None
+        return {}
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^(\w+)\s*=\s*(.*)$", out, re.M)}
+
+
+def max_array_size() -> Optional[int]:
+    """The site's MaxArraySize (array indices must stay below it); None if unknown."""
+    found = re.match(r"\d+", slurm_config().get("MaxArraySize", ""))
+    return int(found.group()) if found and int(found.group()) > 0 else None
+
+
+def kill_wait_s() -> Optional[float]:
+    """The site's KillWait: seconds between the SIGTERM that ends a job (scancel, time limit) and the SIGKILL that
+    follows; None if unknown."""
+    found = re.match(r"\d+", slurm_config().get("KillWait", ""))
+    return float(found.group()) if found else None
+
+
+def job_now(job_id: str) -> Dict[str, str]:
+    """What slurmctld says of a job now: `scontrol show job -o` as {field: value} (JobState, Reason, Restarts,
+    TimeLimit, RunTime, PreemptTime when the site preempts, ...); {} when it cannot be asked."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
+                             timeout=15).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    first = out.splitlines()[0] if out.strip() else ""
+    return dict(re.findall(r"(\w[\w/:]*)=(\S*)", first))
+
+
+def accounted_state(job_id: str) -> Optional[str]:
+    """The state sacct records for the job's current run, e.g. "CANCELLED by 1001", "TIMEOUT", "RUNNING" (it tells
+    why a job is ending, which slurmctld only shows as COMPLETING); None without accounting."""
+    rows = sacct([str(job_id)], ["JobID", "State"])
+    states = [r["State"] for r in rows if r["JobID"] == str(job_id)]
+    return states[-1] if states else None
 
 
 def usage(job_id: str) -> Optional[Dict[str, float]]:

@@ -43,6 +43,8 @@ def _missing_shards(recipe) -> List[int]:
     from ftlib.data.preprocess import shards_status
 
     status = shards_status(recipe)
+    for line in status["damaged"].values():
+        print(f"[preprocess] {line}")
     if status["missing"]:
         return status["missing"]
     if status["rejected"]:  # nothing to rerun: the data (or data.max_bad_fraction) must change
@@ -54,7 +56,12 @@ def _missing_shards(recipe) -> List[int]:
 
 
 def _train_todo(recipe) -> List[int]:
-    return [] if RunDir.of(recipe).training_done else [0]
+    """Train unless adapter/ is there and the recipe asks for no more steps than it had (ftlib.train)."""
+    from ftlib.train import more_steps_asked
+
+    if RunDir.of(recipe).training_done and more_steps_asked(recipe) is None:
+        return []
+    return [0]
 
 
 def _serve_foreground(recipe) -> None:

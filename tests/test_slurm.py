@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ftlib.rundir import RunDir, read_json
-from launcher import launch, status
+from launcher import launch, records, status
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
@@ -137,6 +137,27 @@ def test_failing_shard_cancels_dependents_and_rerun_redoes_only_it(make_recipe, 
     wait_for_jobs([again[0].job_id], timeout=180)
     from ftlib.data.preprocess import shards_status
     assert shards_status(recipe)["missing"] == []
+
+
+def test_a_damaged_shard_is_tokenized_again_on_resubmission(make_recipe, tmp_path):
+    """A finished shard's arrow file cut short: the next submission says which shard and file (it used to say
+    "[preprocess] already done, skipped", and training then failed on Arrow's nameless error, every time), tokenizes
+    that shard alone again, and the training after it runs."""
+    from ftlib.data.preprocess import output_dir, shard_name
+
+    recipe = chain_recipe(make_recipe, "data.num_shards=2", "train.max_steps=2")
+    (pre,) = launch.submit(recipe, ["preprocess"])
+    assert set(wait_for_jobs([pre.job_id], timeout=300).values()) == {"COMPLETED"}
+    (arrow,) = (output_dir(recipe) / shard_name(1, 2)).glob("*.arrow")
+    os.truncate(arrow, arrow.stat().st_size // 2)
+    out = subprocess.run([sys.executable, "-m", "ftlib", "train", str(RunDir.of(recipe).recipe)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"[preprocess] {arrow.parent}: shard 1 of 2 is damaged: {arrow.name} is" in out.stdout, out.stdout
+    assert "(truncated)" in out.stdout and "(1 array task)" in out.stdout, out.stdout
+    train = records.JobRecords(RunDir.of(recipe)).latest("train")["job_id"]
+    assert wait_for_jobs([train], timeout=300)[train] == "COMPLETED", status.status(RunDir.of(recipe))
+    assert RunDir.of(recipe).training_done
 
 
 def test_cancel_stops_the_whole_chain(make_recipe, tmp_path):

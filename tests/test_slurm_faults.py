@@ -8,13 +8,18 @@ The fault is injected from outside the product, as a real one would come: a `sit
 PYTHONPATH (set in the recipe's slurm.train.setup lines) starts a thread in rank 1 that waits for the first complete
 checkpoint and then allocates memory until the job's cgroup limit kills it, or kills itself with SIGKILL.
 """
+import getpass
+import os
+import re
+import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
 from ftlib import checkpoints
-from ftlib.rundir import RunDir
+from ftlib.rundir import RunDir, read_json
 from launcher import launch, status
 from launcher.status import first_dead_task
 from tests.conftest import ROOT
@@ -83,6 +88,16 @@ def test_a_dead_rank_ends_the_job_and_status_names_it(make_recipe, tmp_path, mod
         assert wait_for_jobs([again.job_id], timeout=420)[again.job_id] == "COMPLETED", status.status(run)
         assert "resuming from" in rank_log(run, 0), rank_log(run, 0)[-3000:]
         assert run.training_done
+    else:  # every checkpoint damaged: the resubmission stops at once, and status says why in one line
+        for checkpoint in checkpoints.complete_checkpoints(run.checkpoints):
+            weights = checkpoint / "adapter_model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:100])
+        (again,) = launch.submit(recipe, ["train"])
+        assert wait_for_jobs([again.job_id], timeout=300)[again.job_id] == "FAILED", status.status(run)
+        report = status.status(run)
+        damaged = [line for line in report.splitlines() if "DamagedCheckpoint:" in line]
+        assert len(damaged) == 1 and "adapter_model.safetensors is 100 bytes" in damaged[0], report
+        assert "Traceback" not in report, report
 
 
 NODE_FAULT = ROOT / "tests" / "cluster" / "node-fault.sh"  # root, through the sudo rule up.sh installs
@@ -152,3 +167,101 @@ def test_a_real_time_limit_checkpoints_requeues_and_finishes_exactly(make_recipe
     interrupted, uninterrupted = losses(limited), losses(reference)
     assert [s for s, _ in interrupted] == list(range(1, 49))
     assert interrupted == uninterrupted
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("how", ["make cancel", "scancel"])
+def test_a_cancelled_training_is_never_requeued_and_keeps_its_checkpoint(make_recipe, how):
+    """A cancel of a running 2-node training (`make cancel`, or the plain `scancel` every Slurm user types) sends
+    the ranks the same SIGTERM as a preemption. It used to be taken for one: every rank checkpointed, submitit
+    requeued the job, and it ran again ~20 s later, up to max_requeues times. Now Slurm is asked why the signal came:
+    the job ends CANCELLED for good, after writing a checkpoint within the site's KillWait, and `make status` says
+    when and after which step."""
+    # Small steps (one 128-token row per rank): the signal's step ends and its checkpoint is written well within the
+    # test cluster's KillWait (5 s), also on a busy machine.
+    small = ("data.sequence_len=128", "train.global_batch_size=2", "train.micro_batch_size=1", "train.save_steps=3",
+             "train.eval_steps=1000")
+    recipe = two_node_recipe(make_recipe, "train.max_steps=400", *small)
+    run = RunDir.of(recipe)
+    (job,) = launch.submit(recipe, ["train"])
+    log = status.log_path(run, "train", 0)
+    deadline = time.time() + 300
+    while not re.search(r"step ([4-9]|\d\d+)/400", _read(log)):  # past its first checkpoint (step 3)
+        assert time.time() < deadline, status.status(run)
+        time.sleep(0.5)
+    if how == "make cancel":
+        out = subprocess.run([sys.executable, "-m", "ftlib", "cancel", str(run.root)], capture_output=True,
+                             text=True, timeout=180)
+        assert out.returncode == 0, out.stderr
+    else:
+        subprocess.run(["scancel", job.job_id], check=True)
+    assert wait_for_jobs([job.job_id], timeout=120)[job.job_id] == "CANCELLED", status.status(run)
+
+    time.sleep(30)  # a requeued job starts again within ~15 s on this cluster: it must not
+    queued = subprocess.run(["squeue", "-h", "-j", job.job_id], capture_output=True, text=True).stdout.strip()
+    assert not queued, (queued, rank_log(run, 0)[-3000:])
+    assert [r["State"].split()[0] for r in sacct(job.job_id, "State", duplicates=True)] == ["CANCELLED"]
+
+    stopped = read_json(run.stopped)
+    assert stopped["how"] == f"cancelled by {getpass.getuser()}" and stopped["requeue"] is False, stopped
+    assert stopped["job"] == job.job_id
+    step = stopped["step"]
+    assert stopped["checkpoint"] == f"checkpoint-{step}", (stopped, rank_log(run, 0)[-3000:])
+    assert checkpoints.is_complete(run.checkpoints / f"checkpoint-{step}")
+    assert "will not be requeued" in rank_log(run, 0)
+    report = status.status(run)
+    assert re.search(rf"train: job {job.job_id} cancelled by {getpass.getuser()} at \d\d:\d\d after step {step} "
+                     rf"\(checkpoint-{step} kept\)", report), report
+    if how == "make cancel":
+        assert f"was RUNNING: cancelled by {getpass.getuser()} at" in out.stdout, out.stdout
+        assert f"after step {step} (checkpoint-{step} kept)" in out.stdout, out.stdout
+        assert f"resumes from checkpoint-{step}" in out.stdout, out.stdout
+    else:  # a later `make train` resumes from the kept checkpoint
+        recipe = two_node_recipe(make_recipe, f"train.max_steps={step + 2}", *small)
+        (again,) = launch.submit(recipe, ["train"])
+        assert wait_for_jobs([again.job_id], timeout=300)[again.job_id] == "COMPLETED", status.status(run)
+        assert f"resuming from {run.checkpoints / f'checkpoint-{step}'}" in rank_log(run, 0)
+
+
+@pytest.mark.timeout(600)
+def test_a_stalled_rank_ends_its_job_and_status_names_it(make_recipe):
+    """Rank 1's process stops (SIGSTOP) on a healthy node mid-training: nothing exits, no connection closes, Slurm
+    sees a healthy node. It used to hold the job RUNNING until its time limit (gloo's collectives wait 30 minutes),
+    logging nothing. Now the ranks' heartbeats show that no rank progresses, the job ends within
+    train.stall_timeout_s, and `make status` names the stalled rank, its node and the step."""
+    stall_s = 30
+    recipe = two_node_recipe(make_recipe, "train.max_steps=400", f"train.stall_timeout_s={stall_s}",
+                             "data.sequence_len=128", "train.global_batch_size=2", "train.micro_batch_size=1",
+                             "train.save_steps=1000", "train.eval_steps=1000")
+    run = RunDir.of(recipe)
+    (job,) = launch.submit(recipe, ["train"])
+    log = status.log_path(run, "train", 0)
+    deadline = time.time() + 300
+    while not re.search(r"step ([4-9]|\d\d+)/400", _read(log)):
+        assert time.time() < deadline, status.status(run)
+        time.sleep(0.5)
+    beat = read_json(run.root / "heartbeat" / "rank-1.json")
+    assert beat["node"] == "node2" and beat["job"] == job.job_id, beat
+    os.kill(beat["pid"], signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        state = wait_for_jobs([job.job_id], timeout=stall_s + 150)[job.job_id]
+    finally:
+        try:
+            os.kill(beat["pid"], signal.SIGCONT)  # (killed with its job by then)
+        except ProcessLookupError:
+            pass
+    assert state == "FAILED", status.status(run)
+    end = sacct(job.job_id, "End")[0]["End"]
+    assert time.mktime(time.strptime(end, "%Y-%m-%dT%H:%M:%S")) - stopped_at < stall_s + 120, end
+    report = status.status(run)
+    assert re.search(r"ended by the stall watchdog: rank 1 on node2 stopped responding .* at step \d+", report), \
+        report
+    assert "rank 0 on node1" not in report.split("ended by the stall watchdog")[1].split("\n")[0], report
+
+
+def _read(path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""

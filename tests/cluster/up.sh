@@ -231,7 +231,9 @@ ReturnToService=2
 # requeued (JobRequeue=1); sites default to 300 s. tests/test_slurm_faults.py freezes a node (node-fault.sh).
 SlurmdTimeout=30
 MpiDefault=none
-KillWait=5
+# Slurm's default grace between the SIGTERM of scancel (or a time limit) and the SIGKILL: a cancelled training
+# writes its last checkpoint in it (tests/test_slurm_faults.py), as at a site.
+KillWait=30
 # afterok on a failed job would otherwise stay PENDING forever.
 DependencyParameters=kill_invalid_depend
 JobRequeue=1
