@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 DRY      := $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run)
 SETUP    := $(VENV)/.ftlib-setup
 
-.PHONY: setup demo test train preprocess serve show status logs cancel export eval report tensorboard tunnel stage \
+.PHONY: setup demo test train preprocess sweep serve show status logs cancel export eval report tensorboard tunnel stage \
         schema bench clean load-adapter
 
 include tests/cluster/cluster.mk
@@ -42,8 +42,11 @@ train: $(SETUP)                       ## submit the pipeline: preprocess array -
 preprocess: $(SETUP)                  ## only the preprocessing array
 	$(FT) preprocess $(RECIPE) $(OVERRIDES) $(DRY)
 
-serve: $(SETUP)                       ## serve a finished run (RUN=runs/<name>) or a recipe
-	$(FT) serve $(or $(RUN),$(RECIPE)) $(OVERRIDES) $(DRY)
+sweep: $(SETUP)                       ## a recipe's sweep: one tokenization, the trials as one training array
+	$(FT) sweep $(RECIPE) $(OVERRIDES) $(DRY)
+
+serve: $(SETUP)                       ## serve a finished run (RUN=runs/<name>), a sweep's trials [BEST=1], or a recipe
+	$(FT) serve $(or $(RUN),$(RECIPE)) $(OVERRIDES) $(DRY) $(if $(filter 1 yes true,$(BEST)),--best)
 
 show: $(SETUP)                        ## print the resolved recipe
 	$(FT) show $(RECIPE) $(OVERRIDES)

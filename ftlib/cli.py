@@ -3,6 +3,8 @@
     python -m ftlib show RECIPE [key=value ...]          print the resolved recipe
     python -m ftlib train RECIPE [key=value ...]         preprocess (array) -> train -> serve (if serve.enabled)
     python -m ftlib preprocess RECIPE [key=value ...]    only the preprocessing array
+    python -m ftlib sweep RECIPE [key=value ...]         a recipe's sweep: tokenize once, the trials as one array
+    python -m ftlib serve runs/<sweep> [--best]          every finished trial's adapter (or the best) on one endpoint
     python -m ftlib serve RECIPE|RUN [key=value ...]     serve a finished run
     python -m ftlib demo [key=value ...]                 the whole pipeline locally on the embedded default
     python -m ftlib status [RUN]                         stages, states, failures (all runs without RUN)
@@ -53,9 +55,22 @@ def cmd_show(args):
 
 def cmd_submit(args):
     """train / preprocess / serve: the same chain on Slurm or on this machine."""
+    from ftlib import sweep
     from launcher import executors, launch, stages as stages_mod
 
-    recipe = _load(args.recipe, args.overrides)
+    if args.command == "serve" and sweep.is_sweep(args.recipe):  # every finished trial's adapter on one endpoint
+        from launcher.sweep import serve_recipe
+
+        recipe = serve_recipe(args.recipe, best_only=args.best)
+        recipe = _load(str(launch.save_recipe(recipe).recipe), args.overrides) if args.overrides else recipe
+    else:
+        recipe = _load(args.recipe, args.overrides)
+        if args.command in ("train", "sweep") and recipe.sweep.enabled:
+            return _submit_sweep(args, recipe)
+        if args.command == "sweep":
+            raise SystemExit(f"{args.recipe}: no sweep: section (sweep.grid or sweep.samples): `make train` runs it")
+        if args.best:
+            raise SystemExit("--best (BEST=1) chooses among a sweep's trials: give a sweep's folder, runs/<sweep>")
     run = RunDir.of(recipe)
     stages = stages_mod.for_command(args.command, recipe)
     names = [s.name for s in stages]
@@ -81,6 +96,26 @@ def cmd_submit(args):
         from ftlib.data.preprocess import output_dir
 
         print(output_dir(recipe))
+
+
+def _submit_sweep(args, recipe):
+    from launcher import executors, launch
+    from launcher.sweep import submit_sweep
+
+    path = Path(args.recipe)
+    path = path / "recipe.yaml" if path.is_dir() else path
+    if args.dry_run:
+        executor = executors.DryRun()
+        submit_sweep(path, args.overrides, executor)
+        for script in executor.written:
+            print(f"# ---- {script}\n{script.read_text()}")
+        print(f"# (dry run: nothing submitted; scripts written to {RunDir.of(recipe).sbatch})")
+        return
+    launcher = launch.resolve_launcher(recipe)
+    submit_sweep(path, args.overrides, executors.Slurm() if launcher == "slurm" else executors.Local())
+    folder = _rel(RunDir.of(recipe).root)
+    print(f"watch it: make status RUN={folder}   compare: make report RUN={folder}   serve the trials: "
+          f"make serve RUN={folder} [BEST=1]")
 
 
 def _print_endpoint(recipe, endpoint: dict) -> None:
@@ -145,7 +180,10 @@ def cmd_status(args):
     from launcher.status import status
 
     if args.run:
-        print(status(RunDir(args.run)))
+        from ftlib.sweep import is_sweep
+        from launcher.sweep import sweep_status
+
+        print(sweep_status(args.run) if is_sweep(args.run) else status(RunDir(args.run)))
         return
     runs = run_summaries(args.runs, stage_states=lambda run: JobRecords(run).stage_states())
     if not runs:
@@ -163,8 +201,15 @@ def _num(value, digits: int = 4) -> str:
 
 def cmd_report(args):
     from ftlib.report import write_report
+    from ftlib.sweep import is_sweep
     from launcher.records import train_usage
 
+    if is_sweep(args.run):
+        from ftlib.report import write_sweep_report
+        from launcher.sweep import trial_rows
+
+        print(write_sweep_report(args.run, trial_rows(args.run)))
+        return
     print(write_report(args.run, usage=train_usage(RunDir(args.run))))
 
 
@@ -275,9 +320,11 @@ def parser() -> argparse.ArgumentParser:
         return s
 
     add("show", cmd_show, help="print the resolved recipe")
-    for name in ("train", "preprocess", "serve"):
-        add(name, cmd_submit, help=f"submit the {name} stage(s)").add_argument(
-            "--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
+    for name in ("train", "preprocess", "serve", "sweep"):
+        s = add(name, cmd_submit, help=f"submit the {name} stage(s)" if name != "sweep" else
+                "submit a recipe's sweep: one tokenization, the trials as one training array")
+        s.add_argument("--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
+        s.add_argument("--best", action="store_true", help="serve: only a sweep's best trial")
     d = add("demo", cmd_demo, recipe=False, help="the whole pipeline locally on the embedded default")
     d.add_argument("overrides", nargs="*")
     s = add("status", cmd_status, recipe=False, help="state of a run's stages (all runs without RUN)")

@@ -370,6 +370,48 @@ class SiteSettings:
     setup: List[str] = opt([], "Shell lines run before the task (module load, source venv/bin/activate).")
 
 
+@dataclass
+class EarlyStopping:
+    rungs: List[int] = opt([], "Optimizer steps at which a sweep's trials are compared (each an evaluation step: a "
+                           "multiple of train.eval_steps); none: no early stopping.")
+    stop_fraction: float = opt(0.5, "At a rung, a trial whose eval loss is among the worst this fraction of the trials "
+                               "that reached the rung stops (successive halving).")
+    min_trials: int = opt(2, "Compare only when at least this many trials (this one included) reached the rung.")
+
+    def __post_init__(self):
+        if not 0 < self.stop_fraction < 1:
+            raise Invalid(self, "stop_fraction", f"must be in (0, 1), got {self.stop_fraction}")
+        if self.min_trials < 2:
+            raise Invalid(self, "min_trials", f"must be at least 2, got {self.min_trials}")
+        if any(r <= 0 for r in self.rungs):
+            raise Invalid(self, "rungs", f"must be positive steps, got {list(self.rungs)}")
+
+
+@dataclass
+class SweepConfig:
+    grid: Dict[str, List[Any]] = opt({}, "Recipe keys and the values to try: every combination is a trial "
+                                     "(e.g. {train.learning_rate: [1e-4, 3e-4], lora.r: [8, 16]}).")
+    random: Dict[str, Dict[str, Any]] = opt({}, "Recipe keys and how to draw them: {log_uniform: [lo, hi]}, "
+                                            "{uniform: [lo, hi]}, {int_uniform: [lo, hi]} or {choice: [a, b]}; "
+                                            "sweep.samples draws per grid point.")
+    samples: int = opt(0, "Random draws of the `random` keys (per grid point when there is a grid).")
+    seed: int = opt(0, "Seed of the random draws.")
+    parallelism: int = opt(4, "Trials that train at once (the training array's %limit).")
+    max_trials: int = opt(64, "Refuse sweeps of more trials than this.")
+    early_stopping: EarlyStopping = opt(EarlyStopping(), "Stop the worst trials at rungs (successive halving).")
+    trial: Optional[str] = opt(None, "Set in each trial's own recipe: its name in the sweep, whose folder is the run "
+                               "directory's parent.")
+
+    def __post_init__(self):
+        if self.parallelism < 1 or self.max_trials < 1 or self.samples < 0:
+            raise Invalid(self, None, "parallelism and max_trials must be at least 1, samples at least 0")
+
+    @property
+    def enabled(self) -> bool:
+        """This recipe describes a sweep (not a single run, nor one trial of a sweep)."""
+        return bool(self.grid or self.samples)
+
+
 STAGES = ("preprocess", "train", "serve")
 
 
@@ -405,6 +447,8 @@ class Recipe:
     resources: ResourcesConfig = opt(ResourcesConfig(), "Resources per stage: these size every stage, on Slurm and "
                                      "in local runs.")
     slurm: SlurmConfig = opt(SlurmConfig(), "Site settings per stage: only the Slurm launcher reads these.")
+    sweep: SweepConfig = opt(SweepConfig(), "A sweep: many trainings of this recipe with other values "
+                             "(`make sweep`); each trial is a run of its own.")
 
     # Not part of the schema: the values load() took from the environment through ${oc.env:NAME} (a token, say),
     # which redact() keeps out of the saved recipe and the dry run.
@@ -636,6 +680,10 @@ def _check(r: Recipe, top: str) -> None:
              "Adam does); use adamw_torch or deepspeed.offload_optimizer: false")
     if r.train.precision == "fp16" and r.model.dtype == "bfloat16":
         fail("train.precision", "fp16 mixed precision with bfloat16 weights; use bf16")
+    off = [s for s in r.sweep.early_stopping.rungs if s % r.train.eval_steps]
+    if off:
+        fail("sweep.early_stopping.rungs", f"step {off[0]} is not an evaluation step (a multiple of "
+             f"train.eval_steps={r.train.eval_steps}): trials are compared on their eval loss")
 
 
 # ----------------------------------------------------------------------------------------------------- saving

@@ -334,3 +334,54 @@ def run_summaries(runs_dir: str | os.PathLike = "runs",
                     "tokens_per_s": throughput[-1].value if throughput else None,
                     "adapter": run.training_done})
     return out
+
+
+# ----------------------------------------------------------------------------------------------------- a sweep
+def write_sweep_report(folder: str | os.PathLike, rows: List[Dict[str, object]]) -> Path:
+    """A sweep's report.md: its trials ranked best first (launcher.sweep.trial_rows: eval and train loss, tokens/s,
+    GPU-hours, stopped early), one plot of every trial's eval-loss curve (plots/eval_loss.png), and the best trial's
+    recipe to rerun or serve. Returns the report's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    plots = folder / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for row in rows:
+        curve = row["eval_curve"]
+        if curve:
+            ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", markersize=3,
+                    linestyle="--" if row["stopped_early"] else "-", label=row["name"])
+    ax.set(title="eval loss of every trial (dashed: stopped early)", xlabel="optimizer step", ylabel="eval loss")
+    ax.grid(alpha=0.3)
+    if any(row["eval_curve"] for row in rows):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = plots / f".eval_loss.tmp{os.getpid()}.png"
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, plots / "eval_loss.png")
+
+    lines = [f"# Sweep `{folder.name}`", "", f"Folder: `{folder}`; {len(rows)} trials, best first.", "",
+             "| rank | trial | state | final eval loss | final train loss | tokens / s | GPU-hours | stopped early |",
+             "|---|---|---|---|---|---|---|---|"]
+    for k, row in enumerate(rows, 1):
+        lines.append(f"| {k} | `{row['name']}` | {row['state']} | {_fmt(row['eval_loss'])} | "
+                     f"{_fmt(row['train_loss'])} | {_fmt(row['tokens_per_s'])} | {_fmt(row['gpu_hours'])} | "
+                     f"{row['stopped_early'] or 'no'} |")
+    finished = [row for row in rows if row["completed"]]
+    lines += ["", "![eval loss of every trial](plots/eval_loss.png)", ""]
+    if finished:
+        best = folder / str(finished[0]["name"])
+        lines += [f"**Best:** `{finished[0]['name']}` (eval loss {_fmt(finished[0]['eval_loss'])}).", "",
+                  f"- rerun it: `make train RECIPE={best / 'recipe.yaml'}`",
+                  f"- serve it: `make serve RUN={best}`, or every finished trial: `make serve RUN={folder}` "
+                  f"(`BEST=1`: the best only)", ""]
+    else:
+        lines += ["No trial has finished yet.", ""]
+    report = folder / "report.md"
+    write_atomic(report, "\n".join(lines))
+    return report

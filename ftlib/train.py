@@ -60,6 +60,7 @@ from ftlib.stopping import Stop, stop_on
 from ftlib.watchdog import Watchdog
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+JOB_ID_ENV = "FTLIB_JOB_ID"  # the launcher's id of this job ("12" or an array task's "12_3"), for the run's records
 COLLECTIVE_MARGIN_S = 60  # collectives time out this long after the watchdog would have named a stalled rank
 # Recipe optimizer -> TrainingArguments.optim ("adam_8bit", the notebook's bnb Adam8bit, is passed as a class).
 OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}
@@ -148,11 +149,12 @@ def _train(recipe, env: DistEnv, run: RunDir, stop: Stop, why_stopped) -> str:
             f"gradient accumulation {args.gradient_accumulation_steps}")
 
     signal_stop = StopOnSignal(stop, say, why_stopped, env)
+    rungs = SweepRungs(recipe, env, say)  # a sweep's trial: report eval losses, stop early if among the worst
     # A rank that stops making progress ends the job, named (ftlib.watchdog); started once training begins.
     watch = Watchdog(run, env, recipe.train.stall_timeout_s, from_rank0(secrets.token_hex(8)), say)
     writer = _tensorboard_writer(run, resume) if env.rank == 0 else None
     callbacks = [signal_stop, ProgressLines(say), SampleGenerations(recipe, tokenizer, writer, env, watch),
-                 WatchProgress(watch)]
+                 WatchProgress(watch)] + ([rungs] if recipe.sweep.trial else [])
     if writer is not None:
         callbacks.append(TensorBoardCallback(tb_writer=writer))
     trainer = LoraTrainer(
@@ -169,6 +171,8 @@ def _train(recipe, env: DistEnv, run: RunDir, stop: Stop, why_stopped) -> str:
         say(f"peak memory: {_peak_memory_text()}", every_rank=True)
         if signal_stop.stopped:
             return _record_stop(signal_stop, trainer.state.global_step, run, env, say)
+        if rungs.stopped is not None:
+            return rungs.record(run, trainer.state.global_step)
         watch.progress()
         save_adapter(trainer, run, env)
     finally:
@@ -498,7 +502,7 @@ def _record_stop(signal_stop: StopOnSignal, step: int, run: RunDir, env: DistEnv
         at = datetime.datetime.fromtimestamp(signal_stop.signalled_at).isoformat(timespec="seconds")
         write_json(run.stopped, {"how": reason.what, "requeue": reason.requeue, "at": at, "step": step,
                                  "checkpoint": kept.name if kept else None,
-                                 "job": os.environ.get("SLURM_JOB_ID")})
+                                 "job": os.environ.get(JOB_ID_ENV)})
     if reason.requeue:
         say(f"stopped ({reason.what}) after a complete checkpoint at step {step}")
         return "interrupted"
@@ -564,6 +568,46 @@ class SampleGenerations(TrainerCallback):
             for i, text in enumerate(texts):
                 self.writer.add_text(f"samples/{i}", text, state.global_step)
             self.writer.flush()
+
+
+class SweepRungs(TrainerCallback):
+    """A sweep trial's side of early stopping (ftlib.sweep): rank 0 adds each eval loss to the trial's report in the
+    sweep's folder; at a rung (sweep.early_stopping.rungs) it applies the successive-halving rule to the losses
+    every trial reported there, and all ranks stop (checkpoint kept) if this trial is among the worst."""
+
+    def __init__(self, recipe, env: DistEnv, say):
+        self.recipe, self.env, self.say = recipe, env, say
+        self.rule = recipe.sweep.early_stopping
+        self.stopped: Optional[dict] = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        from ftlib import sweep
+
+        step, loss = state.global_step, (metrics or {}).get("eval_loss")
+        if loss is None:
+            return control
+        why = None
+        if self.env.rank == 0:
+            reports = sweep.record_eval(self.recipe, step, float(loss))
+            if step in self.rule.rungs:
+                at_rung = {t: r[str(step)] for t, r in reports.items() if str(step) in r}
+                why = sweep.early_stop(step, self.recipe.sweep.trial, at_rung, self.rule)
+        if step in self.rule.rungs:  # (every rank knows the rungs: the collective is called by all or none)
+            why = from_rank0(why)
+        if why:
+            self.stopped = {"how": "stopped early", "why": why, "rung": step, "loss": float(loss)}
+            self.say(f"{why}; saving checkpoint-{step} and stopping")
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def record(self, run: RunDir, step: int) -> str:
+        if self.env.rank == 0:
+            kept = checkpoints.latest_complete(run.checkpoints)
+            write_json(run.stopped, {**self.stopped, "requeue": False, "step": step, "job": os.environ.get(JOB_ID_ENV),
+                                     "at": datetime.datetime.now().isoformat(timespec="seconds"),
+                                     "checkpoint": kept.name if kept else None})
+        return "stopped early"
 
 
 class WatchProgress(TrainerCallback):

@@ -40,7 +40,7 @@ class Watchdog:
     def __init__(self, run: RunDir, env: DistEnv, timeout_s: float, session: str, say, job: Optional[str] = None):
         self.folder = run.root / "heartbeat"
         self.env, self.timeout_s, self.session, self.say = env, float(timeout_s), session, say
-        self.job = job if job is not None else os.environ.get("SLURM_JOB_ID")
+        self.job = job if job is not None else os.environ.get("FTLIB_JOB_ID")  # the launcher's id (ftlib.train)
         self.interval_s = max(0.5, min(5.0, self.timeout_s / 6))
         self.step = self.micro = self.marks = self.beats = 0  # optimizer steps, micro-batches, progress marks
         self.slowest_s = 0.0  # longest time between two progress marks of this rank

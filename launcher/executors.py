@@ -141,18 +141,42 @@ class Local:
         processes = r.nodes * r.tasks_per_node if stage.ranks else 1  # one machine: all ranks are local processes
         ex = submitit.LocalExecutor(folder=run.stage_logs(stage.name))
         ex.update_parameters(timeout_min=r.time_min, tasks_per_node=processes, nodes=1)
-        if stage.array:
+        if stage.array and stage.ranks:
+            print(f"[{stage.name}] {len(todo)} trial(s), one after the other, {processes} process(es) each")
+        elif stage.array:
             print(f"[{stage.name}] {len(todo)} of {recipe.data.num_shards} tasks as a local array")
         else:
             print(f"[{stage.name}] {processes} process(es)" + (f", world size {processes}" if stage.ranks else ""))
         started = time.time()
         if stage.before:
             stage.before(recipe)
-        sub = _submit(ex, stage, recipe, todo)
-        _record(run, self.name, sub)
-        _wait(sub, follow=stage.ranks)
+        if stage.array and stage.ranks:
+            sub = self._one_after_the_other(run, ex, stage, recipe, todo)
+        else:
+            sub = _submit(ex, stage, recipe, todo)
+            _record(run, self.name, sub)
+            _wait(sub, follow=stage.ranks)
         print(f"[{stage.name}] done in {time.time() - started:.0f} s")
         return sub
+
+    def _one_after_the_other(self, run: RunDir, ex, stage: Stage, recipe, todo: List[int]) -> Submitted:
+        """A sweep's trials on this machine: each with all its ranks, one after the other (they would share the same
+        cores). A failed trial does not stop the others; the stage fails at the end, naming each."""
+        subs, failed = [], []
+        for index in todo:
+            sub = _submit(ex, stage, recipe, [index])
+            subs.append(sub)
+            _record(run, self.name, Submitted(stage.name, subs[0].job_id, sub.folder, tasks=[i for s in subs
+                                              for i in s.tasks], jobs=[j for s in subs for j in s.jobs]))
+            try:
+                _wait(sub, follow=True)
+            except LaunchError as e:
+                print(str(e))
+                failed.append(str(e).splitlines()[0])
+        if failed:
+            raise LaunchError(f"[{stage.name}] {len(failed)} of {len(todo)} failed: " + "; ".join(failed))
+        return Submitted(stage.name, subs[0].job_id, subs[0].folder, tasks=list(todo),
+                         jobs=[j for s in subs for j in s.jobs])
 
 
 class DryRun:
@@ -192,7 +216,7 @@ def _wait(sub: Submitted, follow: bool) -> None:
         try:
             job.results()  # every task of the job (ranks)
         except Exception as e:  # submitit re-raises the task's exception with its traceback as text
-            what = f"shard {sub.tasks[index]}" if sub.tasks else f"job {job.job_id}"
+            what = (f"{'trial' if follow else 'shard'} {sub.tasks[index]}" if sub.tasks else f"job {job.job_id}")
             raise LaunchError(f"[{sub.stage}] {what} failed: {task_error(str(e)) or type(e).__name__}\n"
                               f"  log: {job.paths.stderr}") from None
 

@@ -65,8 +65,10 @@ class Train(submitit.helpers.Checkpointable):
                                                                            overwrite=True)
         if use_gpus:
             os.environ.update(task_device(os.environ, dist_env.local_rank))
-        from ftlib.train import train
+        from ftlib.train import JOB_ID_ENV, train
 
+        # The job's id as Slurm's commands and the run's records spell it: "12", or "12_3" for a sweep's trial.
+        os.environ[JOB_ID_ENV] = str(submitit.JobEnvironment().job_id)
         outcome = train(recipe, why_stopped=slurm_stop_reason if os.environ.get("SLURM_JOB_ID") else None)
         if outcome == "interrupted":
             env = submitit.JobEnvironment()
@@ -99,9 +101,9 @@ def slurm_stop_reason(signum: Optional[int]):
                                      -> checkpoint and requeue. Without accounting: Reason=TimeLimit or a new restart
                                      count mean the same; an ending job that is neither was cancelled.
     """
-    from ftlib.train import StopReason
+    from ftlib.train import JOB_ID_ENV, StopReason
 
-    job = os.environ["SLURM_JOB_ID"]
+    job = os.environ[JOB_ID_ENV]
     grace = records.kill_wait_s()
     now = records.job_now(job)
     if now.get("JobState", "") not in ENDING:

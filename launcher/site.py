@@ -40,16 +40,16 @@ def explain(recipe, stage, stderr: str) -> str:
     """Slurm's refusal of a stage, as one line naming the recipe setting and what the site allows."""
     reason = _reason(stderr)
     site, r = stage.site(recipe), stage.resources(recipe)
-    key = f"slurm.{stage.name}"
+    key = f"slurm.{stage.section or stage.name}"
     low = reason.lower()
     if "maxwall" in low or "timelimit" in low:  # Slurm 22.05: QOSMaxWallDurationPerJobLimit, PartitionTimeLimit
-        said = f"resources.{stage.name}.time_min={r.time_min}"
+        said = f"resources.{stage.section or stage.name}.time_min={r.time_min}"
         allowed = _time_limits(site.partition, site.qos)
     elif "policy" in low or "submit limit" in low or "maxsubmit" in low:
         said = f"{key}.qos={site.qos or '(default)'} (job count, size or time limits)"
         allowed = _qos_limits(site.qos)
     elif "time limit" in low:
-        said = f"resources.{stage.name}.time_min={r.time_min}"
+        said = f"resources.{stage.section or stage.name}.time_min={r.time_min}"
         allowed = _time_limits(site.partition, site.qos)
     elif "account" in low:
         said = f"{key}.account={site.account}"
@@ -61,7 +61,7 @@ def explain(recipe, stage, stderr: str) -> str:
         said = f"{key}.qos={site.qos}"
         allowed = f"your QOS: {', '.join(_associations('qos')) or '?'}"
     elif "node" in low:
-        said = f"resources.{stage.name}.nodes={r.nodes} (tasks_per_node={r.tasks_per_node}, mem_gb={r.mem_gb})"
+        said = f"resources.{stage.section or stage.name}.nodes={r.nodes} (tasks_per_node={r.tasks_per_node}, mem_gb={r.mem_gb})"
         allowed = f"partition {site.partition or _default_partition()}: {_partition_field(site.partition, 'Nodes')}"
     else:
         said, allowed = f"the {stage.name} stage's settings", "see `sbatch --test-only` with the dry run's script"

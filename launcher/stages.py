@@ -21,18 +21,22 @@ class Stage:
     ranks: bool = False    # the job's tasks are ranks of one program: tasks_per_node on every node; else one a node
     foreground: Optional[Callable] = None  # the local launcher runs this in the foreground instead (until Ctrl-C)
     before: Optional[Callable] = None      # runs here, once, before the stage's jobs start (Slurm and local)
+    section: Optional[str] = None          # its recipe sections' name, when not `name` (a sweep's second data set)
+    arguments: Optional[Callable] = None   # (recipe, todo) -> each job's arguments, when not the usual (a sweep)
 
     def calls(self, recipe, todo: List[int]) -> List[tuple]:
         """The arguments of each job to submit."""
+        if self.arguments is not None:
+            return self.arguments(recipe, todo)
         if self.array:  # the preprocessing array: shard `index` of data.num_shards
             return [(recipe, index, recipe.data.num_shards) for index in todo]
         return [(recipe,)]
 
     def resources(self, recipe):
-        return getattr(recipe.resources, self.name)
+        return getattr(recipe.resources, self.section or self.name)
 
     def site(self, recipe):
-        return getattr(recipe.slurm, self.name)
+        return getattr(recipe.slurm, self.section or self.name)
 
     def tasks_per_node(self, recipe) -> int:
         return self.resources(recipe).tasks_per_node if self.ranks else 1

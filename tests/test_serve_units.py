@@ -18,12 +18,15 @@ def generator(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     make_adapter(root / "run" / "adapter", seed=1)
     make_adapter(root / "second", seed=2)
+    # A served name with dots and commas, as a sweep's trials have (PEFT's own adapter names may not hold a dot).
     recipe = recipe_mod.load(DEMO, [f"run.dir={root / 'run'}", f"data.cache_dir={root / 'cache'}",
-                                    "serve.model_name=mine", f"serve.adapters.second={root / 'second'}"])
+                                    "serve.model_name='learning_rate=0.003,r=8'",
+                                    f"serve.adapters.second={root / 'second'}"])
     return Generator(recipe)
 
 
 GREEDY = Sampling(temperature=0)
+MINE = "learning_rate=0.003,r=8"  # the run's own adapter, as the fixture serves it
 
 
 def test_mixed_adapters_in_one_call_match_separate_calls(generator):
@@ -49,18 +52,18 @@ def test_each_row_keeps_its_own_max_tokens_and_stop(generator):
 def test_streamed_pieces_add_up_to_the_text(generator):
     pieces = []
     prompt = generator.encode("Lily")
-    [done] = generator.generate([Job(prompt, "mine", 16, GREEDY, on_text=pieces.append)])
+    [done] = generator.generate([Job(prompt, MINE, 16, GREEDY, on_text=pieces.append)])
     assert len(pieces) > 2 and done.text.startswith("".join(pieces))
 
 
 def test_beam_search_and_seeded_sampling(generator):
     prompt = generator.encode("Once upon a time")
-    beams = generator.generate([Job(prompt, "mine", 8, Sampling(temperature=0, num_beams=3)),
+    beams = generator.generate([Job(prompt, MINE, 8, Sampling(temperature=0, num_beams=3)),
                                 Job(prompt, "stories260K", 4, Sampling(temperature=0, num_beams=3))])
     assert beams[1].completion_tokens <= 4 and all(b.text for b in beams)
     seeded = Sampling(temperature=1.0, top_k=40, seed=7)
-    first = generator.generate([Job(prompt, "mine", 12, seeded)])[0].text
-    assert generator.generate([Job(prompt, "mine", 12, seeded)])[0].text == first
+    first = generator.generate([Job(prompt, MINE, 12, seeded)])[0].text
+    assert generator.generate([Job(prompt, MINE, 12, seeded)])[0].text == first
 
 
 def test_streaming_holds_back_a_possible_stop_sequence():

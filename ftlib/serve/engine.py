@@ -136,7 +136,10 @@ class Generator(Prompts):
 
     def __init__(self, recipe):
         super().__init__(recipe)
-        self.model = load_for_inference(recipe, self.adapters)
+        # PEFT names adapters as torch modules (no "."); clients use the served names (a sweep's trials are
+        # `learning_rate=0.003,r=8`), so each adapter is loaded under a name of its own.
+        self.peft_names = {name: f"adapter_{k}" for k, name in enumerate(self.adapters)}
+        self.model = load_for_inference(recipe, {self.peft_names[n]: path for n, path in self.adapters.items()})
         self.device = next(self.model.parameters()).device
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
@@ -144,7 +147,8 @@ class Generator(Prompts):
 
     def add(self, name: str, path: str) -> None:
         """Load one more adapter into the PEFT model. Call between generate calls (never during one)."""
-        self.model.load_adapter(path, adapter_name=name)
+        self.peft_names[name] = f"adapter_{len(self.peft_names)}"
+        self.model.load_adapter(path, adapter_name=self.peft_names[name])
         super().add(name, path)
 
     # ------------------------------------------------------------------------------------------- generation
@@ -173,7 +177,7 @@ class Generator(Prompts):
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         models = {j.model for j in jobs}
         if len(models) > 1:
-            kwargs["adapter_names"] = [BASE if j.model == self.base_name else j.model for j in jobs]
+            kwargs["adapter_names"] = [BASE if j.model == self.base_name else self.peft_names[j.model] for j in jobs]
         if s.num_beams == 1:
             # Beam search reorders its rows every step, so per-row limits and streaming work only without beams;
             # with beams every row runs to the longest max_tokens and is cut afterwards.
@@ -192,7 +196,7 @@ class Generator(Prompts):
         """One model for the whole call: PEFT's plain path, ~1.5x faster here than its mixed-batch one."""
         if model == self.base_name:
             return self.model.disable_adapter()
-        self.model.set_adapter(model)
+        self.model.set_adapter(self.peft_names[model])
         return contextlib.nullcontext()
 
     def finish(self, new_ids: List[int], job: Job):
