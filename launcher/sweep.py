@@ -31,8 +31,6 @@ from launcher.stages import STAGES, Stage
 
 def trial_done(trial: sweep_mod.Trial) -> bool:
     """Completed (adapter/, and no more steps asked) or stopped early: a rerun of the sweep skips it."""
-    from launcher.stages import STAGES
-
     stopped = read_json(trial.run.stopped, {}) or {}
     return stopped.get("how") == "stopped early" or not STAGES["train"].todo(trial.recipe)
 
