@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import sys
 from pathlib import Path
 from typing import AsyncIterator, Optional, Tuple, Union
 
@@ -74,17 +72,6 @@ def engine_for(recipe) -> Tuple[str, Optional[str]]:
         return "hf", None
     reason = why_not(recipe)
     return ("hf", reason) if reason else ("vllm", None)
-
-
-def node_python(recipe, node_rank: int) -> Optional[Path]:
-    """The interpreter a serve node must run under when it is not this one (serve.engine=vllm from .venv), else
-    None. Says in one line (rank 0) why serve.engine=vllm falls back to hf."""
-    from ftlib.serve.cluster import log
-
-    engine, reason = engine_for(recipe)
-    if reason and node_rank == 0:
-        log(f"serve.engine=vllm cannot run here: {reason}; serving with serve.engine=hf")
-    return serve_python(recipe) if engine == "vllm" and not has_vllm() else None
 
 
 def lora_rank(recipe, adapters) -> int:
@@ -232,35 +219,3 @@ def _raise_if_error(answer) -> None:
     if error is not None and type(answer).__name__ == "ErrorResponse":
         code = getattr(error, "code", 500)
         raise EngineError(code if isinstance(code, int) and 400 <= code < 600 else 500, str(error.message))
-
-
-# ----------------------------------------------------------------------------------------------------- the env
-def run_node_in_serve_env(python: Path, args: tuple, stop) -> None:
-    """Run `run_node(*args)` under the serving environment's interpreter (a child process of this one) until it
-    ends or `stop` is set (then SIGTERM, as a serve job is stopped). Raises if it fails."""
-    import pickle
-    import signal
-    import subprocess
-
-    from ftlib.serve.cluster import _as_own_process, log
-
-    log(f"serve.engine=vllm: running this node under {python}")
-    child = subprocess.Popen([str(python), "-m", "ftlib.serve.vllm_engine"], stdin=subprocess.PIPE,
-                             preexec_fn=_as_own_process, env={**os.environ, "PYTHONNOUSERSITE": "1"})
-    child.stdin.write(pickle.dumps(args))
-    child.stdin.close()
-    while child.poll() is None:
-        if stop.wait(0.5):
-            child.send_signal(signal.SIGTERM)
-            child.wait()
-            break
-    if child.returncode not in (0, -signal.SIGTERM):
-        raise RuntimeError(f"the serve node under {python} exited with status {child.returncode}")
-
-
-if __name__ == "__main__":  # the child of run_node_in_serve_env
-    import pickle
-
-    from ftlib.serve.cluster import run_node
-
-    run_node(*pickle.loads(sys.stdin.buffer.read()))
