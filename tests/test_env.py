@@ -1,4 +1,4 @@
-"""The environments' set-up (env/setup.sh, env/uv_pip.py).
+"""The environments' set-up (env/setup.sh, env/uv_pip.py) and the serving environment's use by serve.engine=vllm.
 
 What each environment's state is (ready, missing, outdated, half-built) is asked of env/setup.sh itself (--check), on
 environments made here in seconds; `make setup` and `make test` build the real ones. uv is asked to install from a
@@ -19,6 +19,7 @@ from tests.conftest import ROOT
 SETUP = ROOT / "env" / "setup.sh"
 UV_PIP = ROOT / "env" / "uv_pip.py"
 UV = Path(sys.executable).parent / "uv"
+WIDE_MODEL = ROOT / "assets" / "models" / "stories260K-hd32"
 
 
 def check(venv: Path, which: str = "train"):
@@ -172,3 +173,44 @@ def test_uv_installs_from_where_pip_is_configured_to(tmp_path):
     where = subprocess.run([python, "-c", "import ftlib_site_probe as a, ftlib_local_probe as b; "
                                           "print(a.WHERE, '/', b.WHERE)"], capture_output=True, text=True, timeout=60)
     assert where.stdout.strip() == "ftlib-site-probe 0.9 / ftlib-local-probe 2.0"
+
+
+# ----------------------------------------------------------------------------------------------------- serving env
+def test_a_half_built_serving_environment_is_not_used(make_recipe, tmp_path, monkeypatch):
+    """serve.engine=vllm runs its nodes under .venv-serve only once env/setup.sh has finished it (its stamp, written
+    last); otherwise the node serves with hf and says why in one line, naming `make setup-serve`. Jobs never build
+    it (the CLI does, before submitting: ftlib.cli.ensure_serving_env)."""
+    from ftlib.serve import vllm_engine
+
+    recipe = make_recipe("serve.engine=vllm", f"model.name_or_path={WIDE_MODEL}")
+    venv = fake_venv(tmp_path / "venv-serve")
+    monkeypatch.setattr(vllm_engine, "SERVE_VENV", venv)
+    engine, reason = vllm_engine.engine_for(recipe)
+    assert engine == "hf" and "\n" not in reason
+    assert reason == (f"the serving environment {venv} is half-built (no stamp: its set-up did not finish; "
+                      f"make setup-serve builds it again)")
+    (venv / ".ftlib-setup").write_text("done\n")
+    assert vllm_engine.engine_for(recipe) == ("vllm", None)
+    monkeypatch.setattr(vllm_engine, "SERVE_VENV", tmp_path / "none")
+    assert "is missing (make setup-serve builds it" in vllm_engine.engine_for(recipe)[1]
+    # A model vLLM cannot run says so first: no environment would help.
+    assert "head size 8" in vllm_engine.engine_for(make_recipe("serve.engine=vllm"))[1]
+
+
+def test_the_cli_leaves_the_serving_environment_alone_unless_vllm_will_serve(make_recipe, tmp_path, monkeypatch):
+    """The demo's tiny model (head size 8) and serve.engine=hf need no serving environment: nothing is built, even
+    where none exists; a vLLM-capable recipe with a ready one is a quick check that changes nothing."""
+    from ftlib import cli
+    from ftlib.serve import vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "SERVE_VENV", tmp_path / "none")
+    cli.ensure_serving_env(make_recipe())
+    cli.ensure_serving_env(make_recipe("serve.engine=hf", f"model.name_or_path={WIDE_MODEL}"))
+    assert not (tmp_path / "none").exists()
+    monkeypatch.undo()
+    if check(vllm_engine.SERVE_VENV, "serve")[0] != 0:
+        pytest.skip("no ready serving environment here (make setup-serve)")
+    stamp = vllm_engine.SERVE_VENV / ".ftlib-setup"
+    before = stamp.stat().st_mtime_ns
+    cli.ensure_serving_env(make_recipe("serve.engine=vllm", f"model.name_or_path={WIDE_MODEL}"))
+    assert stamp.stat().st_mtime_ns == before

@@ -47,8 +47,8 @@ def _model_config(recipe) -> dict:
         return {}  # a hub name: its config is only known once downloaded
 
 
-def why_not(recipe) -> Optional[str]:
-    """Why vLLM cannot serve this recipe here (one line), or None."""
+def model_why_not(recipe) -> Optional[str]:
+    """Why vLLM cannot serve this recipe's model (one line), or None."""
     s, m = recipe.serve, recipe.model
     if m.quantization.value != "none":
         return f"vLLM does not load bitsandbytes-quantized bases (model.quantization={m.quantization.value})"
@@ -59,11 +59,26 @@ def why_not(recipe) -> Optional[str]:
         return (f"vLLM's CPU backend has no attention kernel for head size {head} (it has "
                 f"{', '.join(map(str, CPU_HEAD_SIZES))}; assets/models/stories260K-hd32 is the tiny model widened "
                 f"to 32)")
-    if not has_vllm():
-        python = serve_python(recipe)
-        if not python.exists():
-            return f"the serving environment {python} is missing (make setup builds it; env/README.md)"
     return None
+
+
+def env_why_not(recipe) -> Optional[str]:
+    """Why the serving environment cannot run the nodes (one line), or None. env/setup.sh writes its stamp last: a
+    .venv-serve without one was interrupted while being built, and is not used half-built."""
+    if has_vllm():
+        return None  # this interpreter is the serving environment
+    python = serve_python(recipe)
+    if not python.exists():
+        return f"the serving environment {python} is missing (make setup-serve builds it; env/README.md)"
+    if not recipe.serve.python and not (SERVE_VENV / ".ftlib-setup").is_file():
+        return (f"the serving environment {SERVE_VENV} is half-built (no stamp: its set-up did not finish; "
+                f"make setup-serve builds it again)")
+    return None
+
+
+def why_not(recipe) -> Optional[str]:
+    """Why vLLM cannot serve this recipe here (one line), or None."""
+    return model_why_not(recipe) or env_why_not(recipe)
 
 
 def engine_for(recipe) -> Tuple[str, Optional[str]]:
