@@ -116,13 +116,15 @@ def prebuild_ops(recipe) -> None:
         return
     # Always asked (~5 s when it is up to date): torch rebuilds the op whenever its build inputs changed (a new
     # checkout or venv path), which a check for an existing .so would miss, and the job would compile after all.
-    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    if not any(cache.glob("*/deepspeed_shm_comm/deepspeed_shm_comm*.so")):
+    # torch keeps it in $TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/, or else in <cache>/torch_extensions/py<ver>_cpu/...
+    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or
+                 Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions")
+    if not any(cache.glob("**/deepspeed_shm_comm/deepspeed_shm_comm*.so")):
         print("[train] building DeepSpeed's deepspeed_shm_comm op once, outside the job (~30 s) ...", flush=True)
-    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    code = "import sys; from deepspeed.comm.torch import build_shm_op; sys.exit(build_shm_op() is None)"
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DS_ACCELERATOR": "cpu"},
                           capture_output=True, text=True, timeout=900)
-    if done.returncode != 0 or not any(cache.glob("*/deepspeed_shm_comm/deepspeed_shm_comm*.so")):
+    if done.returncode != 0:
         # Not fatal: DeepSpeed then builds it inside the job, as it would without this step.
-        tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        tail = " ".join((done.stderr or done.stdout or "no op for this CPU").strip().splitlines()[-3:])
         print(f"[train] warning: could not prebuild deepspeed_shm_comm ({tail}); the job will build it", flush=True)
