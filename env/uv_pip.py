@@ -101,7 +101,7 @@ def main(argv: List[str]) -> int:
     try:
         args, env = uv_terms(settings, dict(os.environ))
     except Untranslatable as e:
-        print(f"{e}: installing with pip", file=sys.stderr)
+        print(e, file=sys.stderr)
         return 3
     if argv == ["--check"]:
         return 0
