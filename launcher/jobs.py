@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import submitit
 
@@ -105,26 +103,3 @@ def serve_node(recipe) -> str:
         job_id += f"-r{restarts}"
     run_node(recipe, node_rank=env.node, hostnames=env.hostnames, job_id=job_id)
     return "stopped"
-
-
-def prebuild_ops(recipe) -> None:
-    """Build the C++ op DeepSpeed JIT-compiles at its first use on CPU (`deepspeed_shm_comm`, ~25 s, cached per user
-    in ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR) once, here, before the training is submitted. Inside the
-    job every rank would compile it at the same time and within the job's memory limit, where the compiler can be
-    OOM-killed. GPU runs use no JIT-compiled op (the optimizers are torch's or bitsandbytes')."""
-    if recipe.resources.train.gpus_per_node > 0 or not recipe.deepspeed.enabled:
-        return
-    # Always asked (~5 s when it is up to date): torch rebuilds the op whenever its build inputs changed (a new
-    # checkout or venv path), which a check for an existing .so would miss, and the job would compile after all.
-    # torch keeps it in $TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/, or else in <cache>/torch_extensions/py<ver>_cpu/...
-    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or
-                 Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions")
-    if not any(cache.glob("**/deepspeed_shm_comm/deepspeed_shm_comm*.so")):
-        print("[train] building DeepSpeed's deepspeed_shm_comm op once, outside the job (~30 s) ...", flush=True)
-    code = "import sys; from deepspeed.comm.torch import build_shm_op; sys.exit(build_shm_op() is None)"
-    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DS_ACCELERATOR": "cpu"},
-                          capture_output=True, text=True, timeout=900)
-    if done.returncode != 0:
-        # Not fatal: DeepSpeed then builds it inside the job, as it would without this step.
-        tail = " ".join((done.stderr or done.stdout or "no op for this CPU").strip().splitlines()[-3:])
-        print(f"[train] warning: could not prebuild deepspeed_shm_comm ({tail}); the job will build it", flush=True)

@@ -1,12 +1,8 @@
 """The local launcher (submitit's LocalExecutor) says why a task failed: the task's own error line, not only where
 its log is."""
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 from tests.conftest import DEMO, ROOT
 from tests.test_data_preprocess import BAD_FILE, write_jsonl
@@ -34,23 +30,3 @@ def test_a_failed_shard_and_a_failed_rank_say_why(tmp_path):
     assert out.returncode == 1, out.stdout + out.stderr
     assert re.search(r"error: \[train\] job \d+ failed: [\w.]*(Error|Exception): .*train_batch_size", out.stderr), \
         out.stderr
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_the_deepspeed_op_prebuilt_in_torch_extensions_dir_is_found(make_recipe, monkeypatch, capsys):
-    """With TORCH_EXTENSIONS_DIR set, torch keeps its JIT-built ops directly in it (no py<ver>_cpu/ level): the
-    prebuild built the op there, then said 'could not prebuild deepspeed_shm_comm (DeepSpeed ... built
-    successfully)', looking one level down. Asked again, it finds the op and says nothing."""
-    from launcher.jobs import prebuild_ops
-
-    # torch's default folder for this Python's CPU ops, named as TORCH_EXTENSIONS_DIR: the ops this user has built
-    # already (tests/test_slurm.py builds this one) are found there without a py<ver>_cpu/ level.
-    ext = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions" / \
-        f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext))
-    prebuild_ops(make_recipe())  # builds it (~40 s) if this user has not yet
-    assert "warning" not in capsys.readouterr().out
-    assert list(ext.glob("deepspeed_shm_comm/deepspeed_shm_comm*.so"))
-    prebuild_ops(make_recipe())
-    assert capsys.readouterr().out == ""
