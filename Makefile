@@ -1,6 +1,8 @@
 # Every target is a thin wrapper around `python -m ftlib <command>`; call that directly with the same arguments.
 #   make demo                                   the whole pipeline locally on the embedded default
 #   make test                                   the test suite (starts the local test Slurm cluster)
+# Each target first makes sure of the environment it runs in (env/setup.sh: a fast check once it is built): every
+# one needs .venv; make test and setup-serve also .venv-serve, which serve.engine=vllm builds on first use otherwise.
 #   make train RECIPE=recipes/x.yaml [OVERRIDES="train.learning_rate=1e-4 slurm.train.nodes=4"] [DRY_RUN=1]
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
@@ -13,19 +15,19 @@ TASK     ?= 0
 RUNS     ?= runs
 PYTEST_ARGS ?=
 DRY      := $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run)
-SETUP    := $(VENV)/.ftlib-setup
 
-.PHONY: setup demo test train preprocess sweep serve show status logs cancel export eval report tensorboard tunnel stage \
+.PHONY: setup setup-serve demo test train preprocess sweep serve show status logs cancel export eval report tensorboard tunnel stage \
         schema bench clean load-adapter
 
 include tests/cluster/cluster.mk
 
-$(SETUP): env/requirements.lock env/requirements-serve.lock env/setup.sh pyproject.toml
-	@env/setup.sh && touch $(SETUP)
+setup:                                ## the training environment .venv: built, updated or rebuilt as needed
+	@VENV=$(VENV) env/setup.sh train
 
-setup: $(SETUP)                       ## create/refresh the virtual environment (idempotent)
+setup-serve:                          ## the serving environment .venv-serve (vLLM, for serve.engine=vllm)
+	@env/setup.sh serve
 
-demo: $(SETUP)                        ## preprocess -> 2-process DeepSpeed LoRA -> Serve -> two requests, locally
+demo: setup                           ## preprocess -> 2-process DeepSpeed LoRA -> Serve -> two requests, locally
 	$(FT) demo $(OVERRIDES)
 
 # As root, `make test` brings the test cluster up, then runs the suite as the unprivileged ftl-alice
@@ -33,53 +35,53 @@ demo: $(SETUP)                        ## preprocess -> 2-process DeepSpeed LoRA 
 # PYTEST_TIMEOUT bounds each test without its own timeout mark.
 IS_ROOT  := $(filter 0,$(shell id -u))
 PYTEST_TIMEOUT ?= 600
-test: $(SETUP) $(if $(IS_ROOT),cluster-up)  ## the whole suite, against a real local Slurm cluster
+test: setup setup-serve $(if $(IS_ROOT),cluster-up)  ## the whole suite, against a real local Slurm cluster
 	bash tests/cluster/run-as-user.sh $(PY) -m pytest --timeout=$(PYTEST_TIMEOUT) $(PYTEST_ARGS)
 
-train: $(SETUP)                       ## submit the pipeline: preprocess array -> training -> serve (if asked)
+train: setup                          ## submit the pipeline: preprocess array -> training -> serve (if asked)
 	$(FT) train $(RECIPE) $(OVERRIDES) $(DRY)
 
-preprocess: $(SETUP)                  ## only the preprocessing array
+preprocess: setup                     ## only the preprocessing array
 	$(FT) preprocess $(RECIPE) $(OVERRIDES) $(DRY)
 
-sweep: $(SETUP)                       ## a recipe's sweep: one tokenization, the trials as one training array
+sweep: setup                          ## a recipe's sweep: one tokenization, the trials as one training array
 	$(FT) sweep $(RECIPE) $(OVERRIDES) $(DRY)
 
-serve: $(SETUP)                       ## serve a finished run (RUN=runs/<name>), a sweep's trials [BEST=1], or a recipe
+serve: setup                          ## serve a finished run (RUN=runs/<name>), a sweep's trials [BEST=1], or a recipe
 	$(FT) serve $(or $(RUN),$(RECIPE)) $(OVERRIDES) $(DRY) $(if $(filter 1 yes true,$(BEST)),--best)
 
-show: $(SETUP)                        ## print the resolved recipe
+show: setup                           ## print the resolved recipe
 	$(FT) show $(RECIPE) $(OVERRIDES)
 
-status: $(SETUP)                      ## state of a run's stages (all runs without RUN)
+status: setup                         ## state of a run's stages (all runs without RUN)
 	$(FT) status $(RUN)
 
-logs: $(SETUP)                        ## a stage's log: RUN=... [STAGE=train] [TASK=0]
+logs: setup                           ## a stage's log: RUN=... [STAGE=train] [TASK=0]
 	$(FT) logs $(RUN) --stage $(STAGE) --task $(TASK)
 
-cancel: $(SETUP)                      ## cancel a run's jobs
+cancel: setup                         ## cancel a run's jobs
 	$(FT) cancel $(RUN)
 
-load-adapter: $(SETUP)                ## serve one more adapter from RUN's running endpoint: NAME=... ADAPTER=dir
+load-adapter: setup                   ## serve one more adapter from RUN's running endpoint: NAME=... ADAPTER=dir
 	$(FT) load-adapter $(RUN) $(NAME) $(ADAPTER)
 
-report: $(SETUP)                      ## report.md and plots in the run directory
+report: setup                         ## report.md and plots in the run directory
 	$(FT) report $(RUN)
 
-eval: $(SETUP)                        ## held-out loss of base vs adapter: RUN=... [DATA=file.jsonl]
+eval: setup                           ## held-out loss of base vs adapter: RUN=... [DATA=file.jsonl]
 	$(FT) eval $(RUN) $(OVERRIDES) $(if $(DATA),--data $(DATA))
 
-export: $(SETUP)                      ## merged full model in RUN/merged
+export: setup                         ## merged full model in RUN/merged
 	$(FT) export $(RUN) $(OVERRIDES)
 
-tensorboard: $(SETUP)                 ## TensorBoard over RUNS on loopback; prints the ssh -L line
+tensorboard: setup                    ## TensorBoard over RUNS on loopback; prints the ssh -L line
 	$(FT) tensorboard $(RUNS)
 
-tunnel: $(SETUP)                      ## the ssh -L line to RUN's endpoint [OPEN=1 runs it] [LOGIN_HOST=...]
+tunnel: setup                         ## the ssh -L line to RUN's endpoint [OPEN=1 runs it] [LOGIN_HOST=...]
 	$(FT) tunnel $(RUN) $(if $(LOGIN_HOST),--login-host $(LOGIN_HOST)) $(if $(OPEN),--open)
 
-stage: $(SETUP)                       ## fetch RECIPE's hub models and data sets into STAGE_DIR for offline nodes
+stage: setup                          ## fetch RECIPE's hub models and data sets into STAGE_DIR for offline nodes
 	$(FT) stage $(RECIPE) $(OVERRIDES) --into $(or $(STAGE_DIR),cache/hub)
 
-schema: $(SETUP)                      ## regenerate README.md's recipe reference from the schema
+schema: setup                         ## regenerate README.md's recipe reference from the schema
 	$(FT) schema --readme README.md

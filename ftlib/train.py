@@ -75,6 +75,8 @@ def train(recipe, why_stopped: Optional[Callable[[Optional[int]], "StopReason"]]
     env = DistEnv.from_environ()
     run = RunDir.of(recipe)
     _quiet_libraries()
+    if recipe.deepspeed.enabled and recipe.resources.train.gpus_per_node == 0:
+        _without_deepspeed_shm_op()
     with StopSignals() as stop, _single_process_env(env):
         # A collective that waits longer than the stall budget fails instead of hanging (the watchdog names the
         # stalled rank first); no stop path can hang until the time limit.
@@ -86,6 +88,18 @@ def train(recipe, why_stopped: Optional[Callable[[Optional[int]], "StopReason"]]
             return outcome
         finally:
             torch.distributed.destroy_process_group()
+
+
+def _without_deepspeed_shm_op() -> None:
+    """DeepSpeed on CPU JIT-compiles a shared-memory all-reduce op (deepspeed_shm_comm) when it sets up its
+    communication: ~40 s of g++ on 2 cores the first time, again for every checkout or venv path, and a compiler on
+    every node. Only its inference_all_reduce uses the op, which training never calls (gradients go through
+    torch.distributed); where the op cannot be built, build_shm_op returns None and DeepSpeed runs without it, as
+    training does here."""
+    import importlib
+
+    # By its module name: the attribute deepspeed.comm.torch is the torch package, which deepspeed.comm imports.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def _train(recipe, env: DistEnv, run: RunDir, stop: Stop, why_stopped) -> str:

@@ -100,8 +100,6 @@ class Slurm:
 
     def run(self, run: RunDir, stage: Stage, recipe, todo: List[int], after: Optional[Submitted]) -> Submitted:
         dependency = after.afterok if after else None
-        if stage.before:
-            stage.before(recipe)
         ex = submitit.SlurmExecutor(folder=run.stage_logs(stage.name),
                                     max_num_timeout=stage.resources(recipe).max_requeues)
         ex.update_parameters(**slurm_parameters(recipe, stage, dependency))
@@ -148,8 +146,6 @@ class Local:
         else:
             print(f"[{stage.name}] {processes} process(es)" + (f", world size {processes}" if stage.ranks else ""))
         started = time.time()
-        if stage.before:
-            stage.before(recipe)
         if stage.array and stage.ranks:
             sub = self._one_after_the_other(run, ex, stage, recipe, todo)
         else:

@@ -22,10 +22,8 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Optional
 
 import submitit
@@ -174,25 +172,3 @@ def serve_node(recipe) -> str:
         job_id += f"-r{restarts}"
     run_node(recipe, node_rank=env.node, hostnames=env.hostnames, job_id=job_id)
     return "stopped"
-
-
-def prebuild_ops(recipe) -> None:
-    """Build the C++ op DeepSpeed JIT-compiles at its first use on CPU (`deepspeed_shm_comm`, ~25 s, cached per user
-    in ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR) once, here, before the training is submitted. Inside the
-    job every rank would compile it at the same time and within the job's memory limit, where the compiler can be
-    OOM-killed. GPU runs use no JIT-compiled op (the optimizers are torch's or bitsandbytes')."""
-    if recipe.resources.train.gpus_per_node > 0 or not recipe.deepspeed.enabled:
-        return
-    # Always asked (~5 s when it is up to date): torch rebuilds the op whenever its build inputs changed (a new
-    # checkout or venv path). The build itself says where the op is: torch's folder layout differs with and
-    # without TORCH_EXTENSIONS_DIR.
-    print("[train] checking DeepSpeed's deepspeed_shm_comm op (built once, outside the job: ~30 s the first time)",
-          flush=True)
-    code = "from deepspeed.comm.torch import build_shm_op; op = build_shm_op(); print(op.__file__ if op else '')"
-    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DS_ACCELERATOR": "cpu"},
-                          capture_output=True, text=True, timeout=900)
-    built = done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else ""
-    if not (built and Path(built).is_file()):
-        # Not fatal: DeepSpeed then builds it inside the job, as it would without this step.
-        tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-        print(f"[train] warning: could not prebuild deepspeed_shm_comm ({tail}); the job will build it", flush=True)

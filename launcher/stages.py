@@ -20,7 +20,6 @@ class Stage:
     array: bool = False    # one array task per index (each run(recipe, index, count)); else one job run(recipe)
     ranks: bool = False    # the job's tasks are ranks of one program: tasks_per_node on every node; else one a node
     foreground: Optional[Callable] = None  # the local launcher runs this in the foreground instead (until Ctrl-C)
-    before: Optional[Callable] = None      # runs here, once, before the stage's jobs start (Slurm and local)
     section: Optional[str] = None          # its recipe sections' name, when not `name` (a sweep's second data set)
     arguments: Optional[Callable] = None   # (recipe, todo) -> each job's arguments, when not the usual (a sweep)
 
@@ -76,7 +75,7 @@ def _serve_foreground(recipe) -> None:
 
 STAGES: Dict[str, Stage] = {s.name: s for s in [
     Stage("preprocess", jobs.preprocess_shard, _missing_shards, array=True),
-    Stage("train", jobs.Train(), _train_todo, ranks=True, before=jobs.prebuild_ops),
+    Stage("train", jobs.Train(), _train_todo, ranks=True),
     Stage("serve", jobs.serve_node, lambda recipe: [0], foreground=_serve_foreground),
 ]}
 

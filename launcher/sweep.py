@@ -62,7 +62,7 @@ def submit_sweep(path, overrides, executor) -> List[Submitted]:
     # The training array: the sweep's own recipe sizes it (every trial shares resources.train and slurm.train).
     base = copy.deepcopy(sweep)
     base.resources.train.array_parallelism = sweep.sweep.parallelism
-    train = Stage("train", jobs.Train(), todo=lambda recipe: todo, array=True, ranks=True, before=jobs.prebuild_ops,
+    train = Stage("train", jobs.Train(), todo=lambda recipe: todo, array=True, ranks=True,
                   arguments=lambda recipe, indices: [(trials[i].recipe,) for i in indices])
     plan.append((train, base, todo))
 

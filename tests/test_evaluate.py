@@ -200,6 +200,12 @@ def test_report_of_the_trained_run(trained):
         run.tensorboard, "train/tokens_per_second")
     final = accumulator_scalars(run.tensorboard, "train/loss")[-1][1].expected
     assert f"| final train loss | {final:.4g} |" in text
+    # Tokens seen: the training log's per-log counts added up (the demo's 40 steps, logged every 5).
+    counts = accumulator_scalars(run.tensorboard, "train/tokens")
+    assert len(counts) == 8
+    seen = sum(value.expected for _, value in counts)
+    assert f"| tokens seen | {seen:,.0f} |" in text
+    assert "1 process on 1 node, CPU only" in text  # resources.train.nodes=1: one process, no GPU
     assert "| optimizer steps | 40 |" in text
     for prompt in recipe.train.sample_prompts:
         assert prompt in text  # the logged sample generations

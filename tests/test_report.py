@@ -102,13 +102,40 @@ def test_report_plots_and_summary_come_from_the_events(make_recipe):
     assert "| optimizer steps | 40 |" in text
     assert f"| `train.learning_rate` | `{recipe.train.learning_rate}` |" in text
     assert "| `lora.r` | `8` |" in text
-    assert "0 GPUs" in text and "| 0 |" in text  # a CPU run: no GPU-hours
+    # The demo recipe's local run: 2 ranks (2 nodes x 1 task) were 2 processes on this one machine, no GPU.
+    assert "| GPU-hours (GPUs × elapsed; 2 processes on 1 node, CPU only) | 0 |" in text
     mean_tps = sum(1000.0 + s for s in range(5, 41, 5)) / 8
     assert f"| tokens / s (mean over the training logs) | {mean_tps:,.0f} |" in text
     # First and last sample generations of each prompt.
     assert "### `samples/0`" in text and "### `samples/1`" in text
     assert "> answer at step 20" in text and "> answer at step 40" in text
     assert "Not evaluated yet" in text
+
+
+def test_tokens_seen_add_up_the_logged_counts(make_recipe):
+    """The training log's train/tokens (non-padding tokens since the previous log, all ranks) add up to the tokens
+    seen, and tokens / s is that over the training time. A resumed run logs the steps after its checkpoint again:
+    each step counts once, with the later count."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    _, run = make_run(make_recipe, job_id="local-2")
+    first = SummaryWriter(str(run.tensorboard))
+    for step in (5, 10, 15):  # preempted after step 15, resumed from the step-10 checkpoint
+        first.add_scalar("train/tokens", 999.0, step)
+        first.add_scalar("train/loss", 3.0, step)
+    first.close()
+    second = SummaryWriter(str(run.tensorboard))
+    for step in (15, 20):
+        second.add_scalar("train/tokens", 1000.0 + step, step)
+        second.add_scalar("train/loss", 2.0, step)
+    second.add_scalar("train/train_runtime", 4.0, 20)
+    second.close()
+
+    seen = 999.0 * 2 + 1015.0 + 1020.0
+    assert report.summarize(run, report.read_events(run.tensorboard), {})["tokens_seen"] == pytest.approx(seen)
+    text = report.write_report(run.root).read_text()
+    assert f"| tokens seen | {seen:,.0f} |" in text
+    assert f"| tokens / s (tokens seen / training time) | {seen / 4:,.0f} |" in text
 
 
 def test_report_includes_eval_results(make_recipe):
@@ -228,4 +255,5 @@ def test_gpu_hours_of_a_slurm_run_come_from_sacct(make_recipe, tmp_path):
     write_trainer_like_events(run.tensorboard, steps=10, eval_every=10)
     text = report.write_report(run.root, usage=records.train_usage(run)).read_text()
     assert f"sacct, job {job_id}" in text
-    assert "1 nodes, 0 GPUs in all" in text
+    cpus = int(usage["cpus"])
+    assert f"(GPUs × elapsed; 1 node, {cpus} CPU{'s' if cpus > 1 else ''}, no GPU) | 0 |" in text

@@ -172,3 +172,42 @@ def test_ssh_command():
 def test_serve_limits_are_checked(make_recipe, override, words):
     with pytest.raises(RecipeError, match=words):
         make_recipe(override)
+
+
+def test_the_serve_modules_import_each_other_without_a_circle():
+    """Every import between the modules of ftlib/serve, deferred ones (inside functions) included, goes one way:
+    app -> vllm_engine -> cluster -> app was a circle (the Ray-node plumbing of serve.engine=vllm lived in
+    vllm_engine); it has one home now, cluster.py, that both engines use."""
+    import ast
+    from pathlib import Path
+
+    import ftlib.serve
+
+    folder = Path(ftlib.serve.__file__).parent
+    modules = {p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
+    imports = {}
+    for name in modules:
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found |= {node.module.rpartition(".")[2]} if node.module.startswith("ftlib.serve.") else set()
+                if node.module == "ftlib.serve":
+                    found |= {a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name.rpartition(".")[2] for a in node.names if a.name.startswith("ftlib.serve.")}
+        imports[name] = (found & modules) - {name}
+    assert imports["cluster"] >= {"app", "vllm_engine"} and "vllm_engine" in imports["app"]  # the graph is read
+
+    def circle_from(start, path):
+        for nxt in sorted(imports[path[-1]]):
+            if nxt == start:
+                return path + [nxt]
+            if nxt not in path:
+                found = circle_from(start, path + [nxt])
+                if found:
+                    return found
+        return None
+
+    circles = [c for c in (circle_from(m, [m]) for m in sorted(modules)) if c]
+    assert not circles, " ; ".join(" -> ".join(c) for c in circles)

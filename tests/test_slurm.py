@@ -28,19 +28,6 @@ def cluster():
     if out.returncode != 0:
         pytest.fail(f"the test Slurm cluster is not up ({' '.join(up[1:])}):\n{out.stdout}{out.stderr}",
                     pytrace=False)
-    prebuild_deepspeed_op()
-
-
-def prebuild_deepspeed_op():
-    """DeepSpeed JIT-compiles its shared-memory op (~25 s, in ~/.cache/torch_extensions) the first time a user
-    trains. Inside a job, the compiler beside the rank needs more than the demo's 3 GB per node and is OOM-killed,
-    so a user's caches are warmed here, outside Slurm, as a site would prebuild its ops (~5 s when cached)."""
-    code = "from deepspeed.comm.torch import build_shm_op; assert build_shm_op() is not None"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                         env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    if out.returncode != 0:
-        pytest.fail(f"building DeepSpeed's shm op for {os.environ.get('USER')} failed:\n{out.stderr[-3000:]}",
-                    pytrace=False)
 
 
 def sacct(job_id: str, *fields: str, steps: bool = False, duplicates: bool = False):

@@ -8,6 +8,10 @@ slurm/ calls it; `make serve` with launcher=local calls it once through ftlib.se
            writes the API token (serve_token, mode 600) and then endpoint.json, and blocks.
   rank k   waits for serve_head.json of the same job, starts a Ray worker pointed at the head, and blocks.
 
+With serve.engine=vllm, started from the training environment, a node runs all of this under the serving
+environment's interpreter instead (node_python, run_node_in_serve_env: a child process running this module): both
+engines share this one Ray-node plumbing.
+
 Each blocks until SIGTERM, SIGINT or SIGUSR2 (Slurm's time limit, `make cancel`, Ctrl-C), a `stop` event, or an
 optional time limit, then takes down what it started, and only that: rank 0 removes endpoint.json and the token,
 shuts Serve down, and every rank stops its own `ray start` (never `ray stop`, which would kill every Ray of the user
@@ -407,13 +411,41 @@ def run_node(recipe, node_rank: int, hostnames: List[str], job_id: str, stop: Op
             # Blocked and taken by a thread, not caught by handlers: ray.init installs SIGTERM handlers of its own
             # (sys.exit, and a C++ crash reporter that aborts) that would kill us halfway through stopping.
             stop = signals.enter_context(stop_on(STOP_SIGNALS, taken_by_thread=True))
-        from ftlib.serve.vllm_engine import node_python, run_node_in_serve_env
-
         python = node_python(recipe, node_rank)  # serve.engine=vllm: the node runs in the serving environment
         if python is not None:
             return run_node_in_serve_env(python, (recipe, node_rank, hostnames, job_id, None, time_limit_s), stop)
         _run(node_rank, HeadNode(recipe, hostnames, job_id) if node_rank == 0
              else WorkerNode(recipe, node_rank, hostnames, job_id), stop, time_limit_s)
+
+
+def node_python(recipe, node_rank: int) -> Optional[Path]:
+    """The interpreter this node must run under when it is not this one (serve.engine=vllm from .venv: the
+    serving environment's), else None. Says in one line (rank 0) why serve.engine=vllm falls back to hf."""
+    from ftlib.serve.vllm_engine import engine_for, has_vllm, serve_python
+
+    engine, reason = engine_for(recipe)
+    if reason and node_rank == 0:
+        log(f"serve.engine=vllm cannot run here: {reason}; serving with serve.engine=hf")
+    return serve_python(recipe) if engine == "vllm" and not has_vllm() else None
+
+
+def run_node_in_serve_env(python: Path, args: tuple, stop: threading.Event) -> None:
+    """Run `run_node(*args)` under the serving environment's interpreter (a child process of this one, running this
+    module) until it ends or `stop` is set (then SIGTERM, as a serve job is stopped). Raises if it fails."""
+    import pickle
+
+    log(f"serve.engine=vllm: running this node under {python}")
+    child = subprocess.Popen([str(python), "-m", "ftlib.serve.cluster"], stdin=subprocess.PIPE,
+                             preexec_fn=_as_own_process, env={**os.environ, "PYTHONNOUSERSITE": "1"})
+    child.stdin.write(pickle.dumps(args))
+    child.stdin.close()
+    while child.poll() is None:
+        if stop.wait(0.5):
+            child.send_signal(signal.SIGTERM)
+            child.wait()
+            break
+    if child.returncode not in (0, -signal.SIGTERM):
+        raise RuntimeError(f"the serve node under {python} exited with status {child.returncode}")
 
 
 def _run(node_rank: int, node, stop, time_limit_s: Optional[float]) -> None:
@@ -572,3 +604,11 @@ def _wait_for_health(url: str, deadline: float, stop: threading.Event) -> Option
             raise TimeoutError(f"the endpoint at {url} did not answer /health within serve.startup_timeout_s: {last}")
         time.sleep(0.5)
     return None
+
+
+if __name__ == "__main__":  # the child of run_node_in_serve_env: the node's arguments arrive pickled on stdin
+    import pickle
+
+    from ftlib.serve.cluster import run_node  # the module proper, not this __main__ copy of it
+
+    run_node(*pickle.loads(sys.stdin.buffer.read()))

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import sys
 from pathlib import Path
 from typing import AsyncIterator, Optional, Tuple, Union
 
@@ -49,8 +47,8 @@ def _model_config(recipe) -> dict:
         return {}  # a hub name: its config is only known once downloaded
 
 
-def why_not(recipe) -> Optional[str]:
-    """Why vLLM cannot serve this recipe here (one line), or None."""
+def model_why_not(recipe) -> Optional[str]:
+    """Why vLLM cannot serve this recipe's model (one line), or None."""
     s, m = recipe.serve, recipe.model
     if m.quantization.value != "none":
         return f"vLLM does not load bitsandbytes-quantized bases (model.quantization={m.quantization.value})"
@@ -61,11 +59,26 @@ def why_not(recipe) -> Optional[str]:
         return (f"vLLM's CPU backend has no attention kernel for head size {head} (it has "
                 f"{', '.join(map(str, CPU_HEAD_SIZES))}; assets/models/stories260K-hd32 is the tiny model widened "
                 f"to 32)")
-    if not has_vllm():
-        python = serve_python(recipe)
-        if not python.exists():
-            return f"the serving environment {python} is missing (make setup builds it; env/README.md)"
     return None
+
+
+def env_why_not(recipe) -> Optional[str]:
+    """Why the serving environment cannot run the nodes (one line), or None. env/setup.sh writes its stamp last: a
+    .venv-serve without one was interrupted while being built, and is not used half-built."""
+    if has_vllm():
+        return None  # this interpreter is the serving environment
+    python = serve_python(recipe)
+    if not python.exists():
+        return f"the serving environment {python} is missing (make setup-serve builds it; env/README.md)"
+    if not recipe.serve.python and not (SERVE_VENV / ".ftlib-setup").is_file():
+        return (f"the serving environment {SERVE_VENV} is half-built (no stamp: its set-up did not finish; "
+                f"make setup-serve builds it again)")
+    return None
+
+
+def why_not(recipe) -> Optional[str]:
+    """Why vLLM cannot serve this recipe here (one line), or None."""
+    return model_why_not(recipe) or env_why_not(recipe)
 
 
 def engine_for(recipe) -> Tuple[str, Optional[str]]:
@@ -74,17 +87,6 @@ def engine_for(recipe) -> Tuple[str, Optional[str]]:
         return "hf", None
     reason = why_not(recipe)
     return ("hf", reason) if reason else ("vllm", None)
-
-
-def node_python(recipe, node_rank: int) -> Optional[Path]:
-    """The interpreter a serve node must run under when it is not this one (serve.engine=vllm from .venv), else
-    None. Says in one line (rank 0) why serve.engine=vllm falls back to hf."""
-    from ftlib.serve.cluster import log
-
-    engine, reason = engine_for(recipe)
-    if reason and node_rank == 0:
-        log(f"serve.engine=vllm cannot run here: {reason}; serving with serve.engine=hf")
-    return serve_python(recipe) if engine == "vllm" and not has_vllm() else None
 
 
 def lora_rank(recipe, adapters) -> int:
@@ -232,35 +234,3 @@ def _raise_if_error(answer) -> None:
     if error is not None and type(answer).__name__ == "ErrorResponse":
         code = getattr(error, "code", 500)
         raise EngineError(code if isinstance(code, int) and 400 <= code < 600 else 500, str(error.message))
-
-
-# ----------------------------------------------------------------------------------------------------- the env
-def run_node_in_serve_env(python: Path, args: tuple, stop) -> None:
-    """Run `run_node(*args)` under the serving environment's interpreter (a child process of this one) until it
-    ends or `stop` is set (then SIGTERM, as a serve job is stopped). Raises if it fails."""
-    import pickle
-    import signal
-    import subprocess
-
-    from ftlib.serve.cluster import _as_own_process, log
-
-    log(f"serve.engine=vllm: running this node under {python}")
-    child = subprocess.Popen([str(python), "-m", "ftlib.serve.vllm_engine"], stdin=subprocess.PIPE,
-                             preexec_fn=_as_own_process, env={**os.environ, "PYTHONNOUSERSITE": "1"})
-    child.stdin.write(pickle.dumps(args))
-    child.stdin.close()
-    while child.poll() is None:
-        if stop.wait(0.5):
-            child.send_signal(signal.SIGTERM)
-            child.wait()
-            break
-    if child.returncode not in (0, -signal.SIGTERM):
-        raise RuntimeError(f"the serve node under {python} exited with status {child.returncode}")
-
-
-if __name__ == "__main__":  # the child of run_node_in_serve_env
-    import pickle
-
-    from ftlib.serve.cluster import run_node
-
-    run_node(*pickle.loads(sys.stdin.buffer.read()))

@@ -4,8 +4,7 @@
 #   tests/cluster/run-as-user.sh .venv/bin/python -m pytest ...
 #
 # As root: run it as $FTLIB_TEST_USER (default ftl-alice, created by up.sh) in the checkout, with that
-# user's own HOME (its caches: ~/.cache/torch_extensions for DeepSpeed's JIT op, Hugging Face, pytest's
-# cache). First check that the user can reach and read the checkout and the interpreter, and write where
+# user's own HOME (its caches: Hugging Face, pytest's cache). First check that the user can reach and read the checkout and the interpreter, and write where
 # the suite writes in the checkout (cache/); fix what is missing minimally and say so:
 #   - a directory on the way that others cannot traverse (e.g. /root for a clone or a pyenv under it)
 #     gets o+x (traverse only, no listing);
