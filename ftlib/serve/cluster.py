@@ -44,11 +44,9 @@ import json
 import os
 import re
 import secrets
-import pwd
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -61,7 +59,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional
 
-from ftlib.errors import UserError
+from ftlib.private import open_private, private_dir, user_base, write_private
 from ftlib.rundir import RunDir, read_json, write_atomic, write_json
 from ftlib.stopping import stop_on, unblock
 
@@ -72,7 +70,6 @@ NAMED_PORTS = ("gcs", "node_manager", "object_manager", "client_server", "dashbo
                "autoscaler_metrics")
 WORKER_PORTS = (16, BLOCK)  # offsets in the block: 112 ports for Ray's worker processes
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
-TMP_ROOT = Path("/tmp")  # not $TMPDIR: every job of this user on this host must find the same port locks
 METRICS_ENV = "FTLIB_RAY_METRICS"  # =1: Ray's Prometheus endpoints on (unauthenticated, every interface)
 UNBINDABLE_PORT = "65536"
 
@@ -82,66 +79,6 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- private files
-class UnsafeDirectory(UserError, RuntimeError):
-    """A folder we would keep tokens or locks in is not safely ours (the CLI prints its one line)."""
-
-
-def private_dir(path: Path) -> Path:
-    """`path`, created mode 700 if missing; refused unless it is a real directory (not a symbolic link), owned by
-    this user, that nobody else may enter."""
-    try:
-        path.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(path)
-    why = None
-    if stat.S_ISLNK(st.st_mode):
-        why = "is a symbolic link"
-    elif not stat.S_ISDIR(st.st_mode):
-        why = "is not a directory"
-    elif st.st_uid != os.getuid():
-        why = f"belongs to {_user_name(st.st_uid)}, not to you"
-    elif st.st_mode & 0o077:
-        why = f"is open to other users (mode {stat.S_IMODE(st.st_mode):o})"
-    if why:
-        raise UnsafeDirectory(f"{path} {why}: refusing to keep Ray's files and tokens there (someone may have "
-                              f"prepared it in advance); remove it and start again")
-    return path
-
-
-def user_base(root: Path = TMP_ROOT) -> Path:
-    """root/ftlib-<uid>: this user's private folder on this host (node folders, port locks). The name can be
-    predicted, so it is checked (private_dir), and so is `root`: a world-writable root without the sticky bit would
-    let anyone rename our folder away and put theirs in its place."""
-    st = os.stat(root)
-    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-        raise UnsafeDirectory(f"{root} is writable by everyone but not sticky: refusing to keep Ray's files there")
-    return private_dir(root / f"ftlib-{os.getuid()}")
-
-
-def open_private(path: Path) -> int:
-    """A lock file of ours (created 600; never through a symbolic link; refused if another user owns it)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    if os.fstat(fd).st_uid != os.getuid():
-        os.close(fd)
-        raise UnsafeDirectory(f"{path} belongs to {_user_name(os.stat(path).st_uid)}, not to you: refusing it")
-    return fd
-
-
-def write_private(path: Path, text: str) -> None:
-    """A new file only we can read (600): never an existing file, never through a symbolic link."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return f"user {pwd.getpwuid(uid).pw_name}"
-    except KeyError:
-        return f"uid {uid}"
-
-
 class NodeDir:
     """The folder of one Ray node of ours on this host: a fresh, unpredictable name in the user's base folder
     (tempfile.mkdtemp), holding
