@@ -240,7 +240,7 @@ def job(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------- the tests
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.security, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def test_a_token_planted_in_advance_by_another_user_is_not_the_clusters(job):
