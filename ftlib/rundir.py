@@ -93,12 +93,16 @@ def use_private_files(recipe) -> None:
     """From now on, what this process (and every job it submits or starts: Slurm and child processes inherit the
     umask) creates is private to the user: folders 0700, files 0600. With run.group, the run directory and the data
     cache are shared read-only with that Unix group instead: umask 027, and both folders get the group and the
-    set-group-id bit, so what is created inside them inherits the group.
+    set-group-id bit, so what is created inside them inherits the group. The libraries' caches and temporary files
+    go into the user's private folder on this host (ftlib.private.use_private_caches).
 
     Checkpoints hold the adapter's weights and the tokenized cache holds the training data: on a shared cluster
     neither may be readable by other users unless the recipe says so."""
+    from ftlib.private import use_private_caches
+
     group = getattr(recipe.run, "group", None)
     os.umask(GROUP_UMASK if group else PRIVATE_UMASK)
+    use_private_caches()
     for folder in (Path(recipe.run.dir), Path(recipe.data.cache_dir)):
         folder.mkdir(parents=True, exist_ok=True)
         if folder.stat().st_uid != os.getuid():

@@ -29,7 +29,9 @@ Security (other users of the same hosts are not trusted):
     others). The token file is written there with O_EXCL|O_NOFOLLOW, mode 600, outside Ray's temporary directory
     (Ray makes that one world-writable). The port locks are in /tmp/ftlib-<uid>/ports. Stopping removes the
     folder; starting a node first removes the folders of this user's nodes that were killed (no lock held).
-    Paths stay short: Unix socket paths must stay under 107 bytes.
+    Paths stay short: Unix socket paths must stay under 107 bytes. Every process of the node runs with umask 077
+    and the libraries' caches and temporary files in /tmp/ftlib-<uid>/{cache,tmp} (ftlib.private): Inductor's
+    code compiled for vLLM's sampler, vLLM's sockets and files, whatever uses $TMPDIR.
   - Ray's Prometheus endpoints take no token, so they are off unless FTLIB_RAY_METRICS=1 (then on the block's
     ports, every interface: for a site's Prometheus). The dashboard, when on, listens on loopback only.
   - One listener is outside the block: Serve's replicas run an inter-deployment gRPC server on a port Ray 2.60
@@ -60,7 +62,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ftlib.private import open_private, private_dir, user_base, write_private
-from ftlib.rundir import RunDir, read_json, write_atomic, write_json
+from ftlib.rundir import RunDir, read_json, use_private_files, write_atomic, write_json
 from ftlib.stopping import stop_on, unblock
 
 PORT_RANGE = (20000, 32000)  # Ray's own defaults use 6379, 8265, 10002-19999; Linux's ephemeral range starts at 32768
@@ -339,6 +341,9 @@ def run_node(recipe, node_rank: int, hostnames: List[str], job_id: str, stop: Op
     and SIGUSR2 stop it: call it from the main thread, before starting threads of your own (they would have to
     block these signals too); the signals behave as before once it returns."""
     job_id = re.sub(r"[^A-Za-z0-9_.-]", "_", str(job_id))[:40]
+    # Whatever started us (a job, `make serve`, a test): our files are private, and so are the caches of every
+    # library in this node's processes (Ray's, the replicas', vLLM's engine and its compiled code).
+    use_private_files(recipe)
     with contextlib.ExitStack() as signals:
         if stop is None:
             # Blocked and taken by a thread, not caught by handlers: ray.init installs SIGTERM handlers of its own
