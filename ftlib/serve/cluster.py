@@ -45,6 +45,7 @@ import fcntl
 import json
 import os
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -74,6 +75,7 @@ WORKER_PORTS = (16, BLOCK)  # offsets in the block: 112 ports for Ray's worker p
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 METRICS_ENV = "FTLIB_RAY_METRICS"  # =1: Ray's Prometheus endpoints on (unauthenticated, every interface)
 UNBINDABLE_PORT = "65536"
+KEEP_ALIVE_S = 5  # an idle connection of the HTTP proxy is closed after this (Ray's default: 90 s)
 
 
 def log(msg: str) -> None:
@@ -344,6 +346,7 @@ def run_node(recipe, node_rank: int, hostnames: List[str], job_id: str, stop: Op
     # Whatever started us (a job, `make serve`, a test): our files are private, and so are the caches of every
     # library in this node's processes (Ray's, the replicas', vLLM's engine and its compiled code).
     use_private_files(recipe)
+    use_all_open_files()
     with contextlib.ExitStack() as signals:
         if stop is None:
             # Blocked and taken by a thread, not caught by handlers: ray.init installs SIGTERM handlers of its own
@@ -356,6 +359,15 @@ def run_node(recipe, node_rank: int, hostnames: List[str], job_id: str, stop: Op
             return run_node_in_serve_env(python, (recipe, node_rank, hostnames, job_id, None, time_limit_s), stop)
         _run(node_rank, HeadNode(recipe, hostnames, job_id) if node_rank == 0
              else WorkerNode(recipe, node_rank, hostnames, job_id), stop, time_limit_s)
+
+
+def use_all_open_files() -> None:
+    """Raise this process's open-files limit (and so its Ray processes', the HTTP proxy's included) to the hard
+    limit. Every connection holds one: at the usual 1,024, anyone who can reach the port blocks the endpoint with
+    ~1,000 connections that never finish their request (the proxy has no timeout for unfinished headers)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _run(node_rank: int, node, stop, time_limit_s: Optional[float]) -> None:
@@ -406,7 +418,8 @@ class HeadNode:
         bind = s.http_host or self.ray.ip  # the head's address as given (loopback in tests), not Ray's remapping
         port = s.port or self.ray.ports.http
         api_token = secrets.token_urlsafe(32)
-        serve.start(http_options={"host": bind, "port": port}, proxy_location="HeadOnly")
+        serve.start(http_options={"host": bind, "port": port, "keep_alive_timeout_s": KEEP_ALIVE_S},
+                    proxy_location="HeadOnly")
         log(f"deploying the Serve application on {len(self.hostnames)} node(s)")
         serve.run(build_app(self.recipe, api_token), name="ftlib", route_prefix="/")
         host = self.hostnames[0] if bind in ("0.0.0.0", "::") else bind
