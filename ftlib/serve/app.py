@@ -62,12 +62,15 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
-        if self.status in CLOSE_AFTER:  # the body, if any, was not read: the connection ends with the answer
+        if self.status in CLOSE_AFTER:
             headers["Connection"] = "close"
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
-CLOSE_AFTER = (401, 408, 413)  # answers given before (or instead of) reading a request's body
+# Answers after which the connection ends: a client without the token gets nothing more (its body, if any, is not
+# read), nor does one whose body stopped arriving. Not 413: the client may still be sending its body, and a closed
+# connection would lose it the answer (the proxy's keep-alive timeout ends it if it stops sending).
+CLOSE_AFTER = (401, 408)
 
 
 async def _openai_error(request: Request, e: Exception) -> JSONResponse:
