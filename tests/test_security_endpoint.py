@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.test_security_files import attacker, attacker_prefix
+from tests.test_security_ray import authentication, cluster_processes, is_loopback, listeners
 from tests.test_serve import serve_recipe
 
 pytestmark = [pytest.mark.security, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -131,3 +132,24 @@ def test_a_body_that_stops_arriving_gets_408_and_its_connection_closed(endpoint)
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
     assert BODY_IDLE_S - 1 < waited < BODY_IDLE_S + 10, waited  # then closed (recv got the end of the stream)
     assert b"request body stopped arriving" in answer, answer
+
+
+
+def test_a_local_endpoints_ray_listens_on_no_other_address_of_the_machine(endpoint):
+    """`make serve` with launcher=local (and the demo): Ray's daemons listen on loopback, not on the addresses the
+    machine has on its networks; except what Ray 2.60 binds to every interface with no setting to change it (the
+    GCS, the raylet, the dashboard agent's gRPC and every worker's gRPC server), which requires the token."""
+    found, deadline = set(), time.monotonic() + 30
+    while time.monotonic() < deadline:  # Ray's agents start in the background
+        found |= listeners(cluster_processes(endpoint.job_id, endpoint.process.pid))
+        if any("RuntimeEnvAgent" in name for _, name, _, _ in found):
+            break
+        time.sleep(1)
+    assert any("RuntimeEnvAgent" in name for _, name, _, _ in found), sorted(found)
+    outside = sorted(f"{name} on {ip}:{port}" for _, name, ip, port in found
+                     if not is_loopback(ip) and ip not in ("0.0.0.0", "::"))
+    assert outside == [], f"listening on the machine's other addresses: {outside}"
+    everywhere = {(name, port) for _, name, ip, port in found if ip in ("0.0.0.0", "::")}
+    verdicts = {f"{name}:{port}": authentication("127.0.0.1", port) for name, port in sorted(everywhere)}
+    print("every interface:", verdicts)
+    assert set(verdicts.values()) == {"authenticated"}, verdicts

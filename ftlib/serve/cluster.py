@@ -36,6 +36,10 @@ Security (other users of the same hosts are not trusted):
     ports, every interface: for a site's Prometheus). The dashboard, when on, listens on loopback only.
   - One listener is outside the block: Serve's replicas run an inter-deployment gRPC server on a port Ray 2.60
     hard-codes as "[::]:0" (the kernel's ephemeral range, which the blocks avoid); it checks the token.
+  - Where Ray listens: the client server and the agents on the node's address; the GCS, the raylet (node and object
+    manager), the dashboard agent's gRPC and the replicas' gRPC on every interface (Ray 2.60 has no setting for
+    these; all check the token). A local endpoint's node (127.0.0.1) runs Ray on 127.0.0.2 (ray_address_of), so
+    that the first group stays on loopback.
 """
 from __future__ import annotations
 
@@ -75,6 +79,7 @@ WORKER_PORTS = (16, BLOCK)  # offsets in the block: 112 ports for Ray's worker p
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 METRICS_ENV = "FTLIB_RAY_METRICS"  # =1: Ray's Prometheus endpoints on (unauthenticated, every interface)
 UNBINDABLE_PORT = "65536"
+RAY_LOOPBACK = "127.0.0.2"  # a local endpoint's Ray node (see ray_address_of)
 KEEP_ALIVE_S = 5  # an idle connection of the HTTP proxy is closed after this (Ray's default: 90 s)
 
 
@@ -199,7 +204,7 @@ class RayNode:
 
     def __init__(self, job_id: str, node_rank: int, host: str, ray_token: str, head_address: Optional[str] = None,
                  dashboard: bool = False):
-        self.job_id, self.rank, self.ip = job_id, node_rank, socket.gethostbyname(host)
+        self.job_id, self.rank, self.ip = job_id, node_rank, ray_address_of(host)
         base = user_base()
         self.dir = NodeDir(base)
         try:
@@ -299,6 +304,14 @@ class RayNode:
         psutil.wait_procs(left, timeout=5)
         self.ports.release()
         self.dir.remove()
+
+
+def ray_address_of(host: str) -> str:
+    """The address a Ray node on `host` takes. Ray moves 127.0.0.1 (and "localhost") to the machine's network
+    address, where its agents then listen for anyone on the network: a node on 127.0.0.1 (a local endpoint) gets
+    RAY_LOOPBACK instead, another loopback address, which Ray takes as it is."""
+    ip = socket.gethostbyname(host)
+    return RAY_LOOPBACK if ip == "127.0.0.1" else ip
 
 
 def ray_auth_env(token_file: Path) -> dict:
@@ -415,7 +428,7 @@ class HeadNode:
 
         from ftlib.serve.app import build_app
 
-        bind = s.http_host or self.ray.ip  # the head's address as given (loopback in tests), not Ray's remapping
+        bind = s.http_host or socket.gethostbyname(self.hostnames[0])  # the head's address as given
         port = s.port or self.ray.ports.http
         api_token = secrets.token_urlsafe(32)
         serve.start(http_options={"host": bind, "port": port, "keep_alive_timeout_s": KEEP_ALIVE_S},
