@@ -15,6 +15,7 @@ runs/<name>/
   serve_token            the endpoint's API token (mode 600; endpoint.json names this file, never the token)
   serve_head.json        while a serve job runs: its Ray head's address and cluster token for the other nodes (mode 600)
   stopped.json           the last time training stopped on a signal: why (cancelled, time limit, ...), step, checkpoint
+  rendezvous-<job>.json  while a training job's ranks meet: rank 0's port and the rendezvous's secret (mode 600)
   eval/                  `make eval`: results.json, generations.md
   report.md, plots/      `make report`
 
@@ -61,6 +62,9 @@ class RunDir:
     eval_results = property(lambda self: self.eval / "results.json")
     eval_generations = property(lambda self: self.eval / "generations.md")
     serve_log = property(lambda self: self.stage_logs("serve") / "local.log")  # a local endpoint's Ray/Serve log
+
+    def rendezvous(self, attempt: str) -> Path:
+        return self.root / f"rendezvous-{attempt}.json"
 
     def stage_logs(self, stage: str) -> Path:
         return self.logs / stage
