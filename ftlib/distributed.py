@@ -271,6 +271,47 @@ class SignedStore(dist.Store):
 _IN_USE = []  # every SignedStore of this process (see SignedStore.__init__)
 
 
+# ----------------------------------------------------------------------------------------------------- /dev/shm
+# DeepSpeed 0.19's CPU all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp) keeps each rank's buffer in POSIX shared memory
+# named after the user, MASTER_ADDR, MASTER_PORT and the rank, and opens it with O_CREAT but without O_EXCL: an object
+# someone else created under that name first would be used, its owner reading and writing the all-reduce's data. It
+# does this only when every rank is on one node (LOCAL_SIZE equals the world size).
+DEEPSPEED_SHM = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+
+
+def claim_shared_memory(env: DistEnv) -> Optional[Path]:
+    """Before deepspeed.init_distributed, on every rank: create this rank's DeepSpeed buffer name first, exclusively
+    and mode 600, so that DeepSpeed opens ours; if any rank finds its name taken, every rank stops (UserError naming
+    it) before any opens another's. The name carries the rendezvous's port (open_store sets MASTER_PORT), so it is
+    new for each job. Returns the path (remove it once every rank has initialized: release_shared_memory), or None
+    when DeepSpeed will not use shared memory."""
+    if os.environ.get("LOCAL_SIZE") != str(env.world_size):
+        return None
+    path = Path(DEEPSPEED_SHM.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
+                                     port=os.environ.get("MASTER_PORT", ""), rank=env.rank))
+    taken = None
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        taken = path
+    if all_ranks_any(taken is not None):
+        from ftlib.errors import UserError
+
+        raise UserError(f"rank {env.rank} on {node_name()}: " + (
+            f"{taken} exists already (another program, maybe another user, made it): refusing to let DeepSpeed "
+            f"share its all-reduce buffers through it; remove it and start again" if taken else
+            "another rank found its DeepSpeed shared-memory name taken (its log names it): stopping"))
+    return path
+
+
+def release_shared_memory(path: Optional[Path]) -> None:
+    """After every rank has initialized DeepSpeed (a barrier): the ranks have mapped each other's buffers, so the
+    names can go; nobody else can open them any more, and the memory is freed when the ranks exit."""
+    if path is not None:
+        barrier()
+        path.unlink(missing_ok=True)
+
+
 def all_ranks_any(flag: bool, device="cpu") -> bool:
     """True on every rank if `flag` is true on at least one (a no-op without a process group)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

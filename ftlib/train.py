@@ -52,7 +52,8 @@ from ftlib import checkpoints, progress
 from ftlib.data.collate import make_collator
 from ftlib.data.formats import build_prompt
 from ftlib.data.merge import load_splits
-from ftlib.distributed import DistEnv, all_ranks_any, all_ranks_sum, backend, barrier, from_rank0, join
+from ftlib.distributed import (DistEnv, all_ranks_any, all_ranks_sum, backend, barrier, claim_shared_memory,
+                               from_rank0, join, release_shared_memory)
 from ftlib.errors import UserError
 from ftlib.model import is_zero3, load_model, load_tokenizer
 from ftlib.rundir import RunDir, publish_dir, read_json, write_json
@@ -126,7 +127,9 @@ def _train(recipe, env: DistEnv, run: RunDir, stop: Stop, why_stopped) -> str:
     if recipe.deepspeed.enabled:
         import deepspeed
 
+        shared = claim_shared_memory(env)  # the names of DeepSpeed's /dev/shm buffers, ours before DeepSpeed's
         deepspeed.init_distributed(dist_backend=backend())  # adopts the group joined above (ZeRO-3 init needs it)
+        release_shared_memory(shared)
     refused = from_rank0(str(refusal) if refusal is not None else None)
     if refused is not None:  # every rank stops with the same line naming the file, none waits for the others
         raise checkpoints.DamagedCheckpoint(refused)

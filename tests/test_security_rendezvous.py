@@ -161,3 +161,85 @@ def test_a_value_another_user_writes_into_the_store_stops_the_rank_naming_the_st
         "ranks did not write" in found["error"], found
     assert not published[0].exists()
 
+
+# ----------------------------------------------------------------------------------------------- /dev/shm
+# A rank that meets the others, says the port the rendezvous took (DeepSpeed names its shared memory after it), waits
+# for a line on stdin, then initializes DeepSpeed as ftlib.train does, with the buffers in shared memory (every rank
+# on one node: LOCAL_SIZE), and reports the shared memory it mapped.
+SHM_RANK = r"""
+import json, os, sys
+from ftlib import recipe as recipe_mod
+from ftlib.distributed import DistEnv, backend, claim_shared_memory, join, release_shared_memory
+from launcher import jobs
+jobs.rank_environment(recipe_mod.load(sys.argv[1]))
+env = DistEnv.from_environ()
+join(env, timeout_s=float(sys.argv[2]))
+print("AT", os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], flush=True)
+sys.stdin.readline()
+try:
+    shared = claim_shared_memory(env)
+    import deepspeed
+    deepspeed.init_distributed(dist_backend=backend())
+    mapped = sorted({line.split()[-1] for line in open("/proc/self/maps") if "/dev/shm/deepspeed" in line})
+    release_shared_memory(shared)
+    found = {"ok": True, "claimed": str(shared), "mapped": mapped}
+except Exception as e:
+    found = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+print("RESULT " + json.dumps(found), flush=True)
+"""
+
+PREPARE_SHM = r"""
+import os, sys
+for path in sys.argv[1:]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    os.fchmod(fd, 0o666)
+    os.close(fd)
+print("prepared", flush=True)
+"""
+
+
+def shm_names(address: str, port: str):
+    return [f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}" for rank in (0, 1)]
+
+
+def address_of(proc) -> tuple:
+    """(MASTER_ADDR, port) a rank reports once it has joined."""
+    for line in proc.stdout:
+        if line.startswith("AT "):
+            return tuple(line.split()[1:3])
+    raise AssertionError(f"no address: {proc.communicate()[0][-3000:]}")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("prepared", [False, True], ids=["alone", "names-prepared-by-another-user"])
+def test_deepspeeds_shared_memory_is_the_jobs_own(recipe_path, prepared):
+    """DeepSpeed's CPU all-reduce buffers (/dev/shm, named after uid, address, port and rank; opened without
+    O_EXCL): with the names free, the ranks map buffers they created themselves and leave no name behind; with the
+    names created first by the attacker (the port is visible in /proc/net/tcp; the test hands it over), every rank
+    refuses, naming the object, and the attacker's objects get nothing."""
+    attacker_prefix()
+    procs = start_ranks(recipe_path, str(random.randrange(10**6, 10**7)), script=SHM_RANK, timeout_s=60,
+                        LOCAL_SIZE="2")
+    at = {rank: address_of(p) for rank, p in procs.items()}
+    assert at[0] == at[1], at
+    names = shm_names(*at[0])
+    if prepared:
+        done = subprocess.run(as_tenant("python3", "-c", PREPARE_SHM, *names), capture_output=True, text=True,
+                              timeout=60)
+        assert "prepared" in done.stdout, done.stderr
+    try:
+        for p in procs.values():
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        found = {rank: result(p, timeout=240) for rank, p in procs.items()}
+        if not prepared:
+            assert all(f["ok"] for f in found.values()), found
+            assert [f["mapped"] for f in found.values()] == [names, names], found
+            assert not any(Path(n).exists() for n in names), "DeepSpeed's shared memory names are left behind"
+        else:
+            assert not any(f["ok"] for f in found.values()), found
+            assert f"{names[0]} exists already" in found[0]["error"] and found[0]["error"].startswith("UserError")
+            assert [os.stat(n).st_size for n in names] == [0, 0], "the ranks wrote into the attacker's objects"
+    finally:
+        if prepared:
+            subprocess.run(as_tenant("rm", "-f", *names), timeout=60)
