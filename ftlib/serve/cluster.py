@@ -27,8 +27,10 @@ Security (other users of the same hosts are not trusted):
   - Files: everything of a node lives in a fresh folder with an unpredictable name (NodeDir) inside this user's
     private /tmp/ftlib-<uid> (mode 700; refused, in one line, if it is a symbolic link, another user's, or open to
     others). The token file is written there with O_EXCL|O_NOFOLLOW, mode 600, outside Ray's temporary directory
-    (Ray makes that one world-writable). The port locks are in /tmp/ftlib-<uid>/ports. Stopping removes the
-    folder; starting a node first removes the folders of this user's nodes that were killed (no lock held).
+    (Ray makes that one world-writable). The port locks are in /tmp/ftlib-<uid>/ports. Stopping removes the token
+    first (a cancelled job is SIGKILLed KillWait seconds after SIGTERM, possibly before Ray has stopped), then the
+    folder; starting a node first removes the folders of this user's nodes that were killed (no lock held), their
+    tokens first.
     Paths stay short: Unix socket paths must stay under 107 bytes. Every process of the node runs with umask 077
     and the libraries' caches and temporary files in /tmp/ftlib-<uid>/{cache,tmp} (ftlib.private): Inductor's
     code compiled for vLLM's sampler, vLLM's sockets and files, whatever uses $TMPDIR.
@@ -113,7 +115,12 @@ class NodeDir:
         self.token_file = self.path / "ray_token"
         self.ray_dir = self.path / "ray"
 
+    def forget_token(self) -> None:
+        """The token first, before anything slow: Slurm's SIGKILL (KillWait after SIGTERM) may come any moment."""
+        self.token_file.unlink(missing_ok=True)
+
     def remove(self) -> None:
+        self.forget_token()
         shutil.rmtree(self.path, ignore_errors=True)
         os.close(self._lock)
 
@@ -140,6 +147,7 @@ def sweep_leftovers(base: Path) -> List[Path]:
         finally:
             if fd is not None:
                 os.close(fd)
+        Path(entry.path, "ray_token").unlink(missing_ok=True)  # the secret first: Ray's folder can take a while
         shutil.rmtree(entry.path, ignore_errors=True)
         removed.append(Path(entry.path))
         log(f"removed {entry.path}, left behind by a node of yours that did not stop cleanly")
@@ -284,6 +292,7 @@ class RayNode:
         the node's processes are therefore taken as a tree before stopping, and waited for (killed if need be)."""
         import psutil
 
+        self.dir.forget_token()
         try:
             tree = psutil.Process(self.process.pid).children(recursive=True)
         except psutil.NoSuchProcess:
@@ -471,12 +480,16 @@ class HeadNode:
         return None
 
     def stop(self) -> None:
+        # Files first, secrets among them: a cancelled job gets SIGKILL KillWait seconds after SIGTERM (5-30 s at
+        # most sites), and Ray may take longer than that to stop.
         mine = (read_json(self.run.endpoint) or {}).get("job_id") == self.job_id
         if mine:  # clients stop finding us first; leave another job's files alone
             self.run.endpoint.unlink(missing_ok=True)
             self.run.token.unlink(missing_ok=True)
         if (read_json(self.run.serve_head) or {}).get("job_id") == self.job_id:
             self.run.serve_head.unlink(missing_ok=True)
+        if self.ray is not None:
+            self.ray.dir.forget_token()
         if self.connected:
             import ray
             from ray import serve
