@@ -19,10 +19,13 @@ keys, and whoever listens on its port first plays the store. So:
     when any rank reads it (SignedStore): the rendezvous and the process group's own keys (gloo's addresses). A rank
     that reads a value the job did not write stops with RendezvousError naming the store.
 What another user can still do: see the port (every listening socket is listed in /proc/net/tcp), connect, read the
-keys (node names, gloo's addresses: nothing secret), delete or overwrite them (the job then fails, naming the store,
-instead of using them), and connect to gloo's own ports, which torch does not authenticate (a job can be made to fail,
-not to compute with the attacker's data). Counters (Store.add) cannot be signed; only the rendezvous's "read" count
-uses one, and forging it only makes rank 0 stop waiting for the others to read a failure.
+keys (node names, gloo's addresses and connection ids: the values are signed, not secret), delete or overwrite them
+(the job then fails, naming the store, instead of using them). It cannot send a rank to an address of its choosing.
+gloo's own connections between the ranks are neither authenticated nor encrypted (torch has no setting for that):
+an attacker on the nodes' network that connects to a rank's gloo port with the connection id it read, before the
+real peer does, can make the job fail or, in principle, feed a collective its data. Counters (Store.add) cannot be
+signed; only the rendezvous's "read" count uses one, and forging it only makes rank 0 stop waiting for the others to
+read a failure.
 """
 from __future__ import annotations
 

@@ -30,10 +30,9 @@ Security (other users of the same hosts are not trusted):
     (Ray makes that one world-writable). The port locks are in /tmp/ftlib-<uid>/ports. Stopping removes the token
     first (a cancelled job is SIGKILLed KillWait seconds after SIGTERM, possibly before Ray has stopped), then the
     folder; starting a node first removes the folders of this user's nodes that were killed (no lock held), their
-    tokens first.
-    Paths stay short: Unix socket paths must stay under 107 bytes. Every process of the node runs with umask 077
-    and the libraries' caches and temporary files in /tmp/ftlib-<uid>/{cache,tmp} (ftlib.private): Inductor's
-    code compiled for vLLM's sampler, vLLM's sockets and files, whatever uses $TMPDIR.
+    tokens first. Paths stay short: Unix socket paths must stay under 107 bytes. Every process of the node runs
+    with umask 077 and the libraries' caches and temporary files in /tmp/ftlib-<uid>/{cache,tmp} (ftlib.private):
+    Inductor's code compiled for vLLM's sampler, vLLM's sockets and files, whatever uses $TMPDIR.
   - Ray's Prometheus endpoints take no token, so they are off unless FTLIB_RAY_METRICS=1 (then on the block's
     ports, every interface: for a site's Prometheus). The dashboard, when on, listens on loopback only.
   - One listener is outside the block: Serve's replicas run an inter-deployment gRPC server on a port Ray 2.60
