@@ -1,9 +1,10 @@
 # Every target is a thin wrapper around `python -m ftlib <command>`; call that directly with the same arguments.
 #   make demo                                   the whole pipeline locally on the embedded default
 #   make test                                   the test suite (starts the local test Slurm cluster)
+#   make test-security                          only the security tests (another user attacks the product)
+#   make train RECIPE=recipes/x.yaml [OVERRIDES="train.learning_rate=1e-4 slurm.train.nodes=4"] [DRY_RUN=1]
 # Each target first makes sure of the environment it runs in (env/setup.sh: a fast check once it is built): every
 # one needs .venv; make test and setup-serve also .venv-serve, which serve.engine=vllm builds on first use otherwise.
-#   make train RECIPE=recipes/x.yaml [OVERRIDES="train.learning_rate=1e-4 slurm.train.nodes=4"] [DRY_RUN=1]
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 FT       := $(PY) -m ftlib
@@ -16,7 +17,7 @@ RUNS     ?= runs
 PYTEST_ARGS ?=
 DRY      := $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run)
 
-.PHONY: setup setup-serve demo test train preprocess sweep serve show status logs cancel export eval report tensorboard tunnel stage \
+.PHONY: setup setup-serve demo test test-security train preprocess sweep serve show status logs cancel export eval report tensorboard tunnel stage \
         schema bench clean load-adapter
 
 include tests/cluster/cluster.mk
@@ -36,7 +37,12 @@ demo: setup                           ## preprocess -> 2-process DeepSpeed LoRA 
 IS_ROOT  := $(filter 0,$(shell id -u))
 PYTEST_TIMEOUT ?= 600
 test: setup setup-serve $(if $(IS_ROOT),cluster-up)  ## the whole suite, against a real local Slurm cluster
-	bash tests/cluster/run-as-user.sh $(PY) -m pytest --timeout=$(PYTEST_TIMEOUT) $(PYTEST_ARGS)
+	bash tests/cluster/run-as-user.sh $(PY) -m pytest --timeout=$(PYTEST_TIMEOUT) $(PYTEST_SELECT) $(PYTEST_ARGS)
+
+# The security suite alone: every test marked `security` (another user of the same nodes attacks a run, an
+# endpoint, TensorBoard), as ftl-alice with ftl-bob as the attacker. A site runs it after installing.
+test-security: PYTEST_SELECT := -m security
+test-security: test                   ## only the security tests (pytest -m security)
 
 train: setup                          ## submit the pipeline: preprocess array -> training -> serve (if asked)
 	$(FT) train $(RECIPE) $(OVERRIDES) $(DRY)

@@ -23,7 +23,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,8 @@ from ftlib.distributed import DistEnv, join
 nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]], capture_output=True,
                        text=True, check=True).stdout.split()
 env = DistEnv(rank=int(os.environ["SLURM_PROCID"]), local_rank=0, world_size=int(os.environ["SLURM_NTASKS"]),
-              local_world_size=1, master_addr=nodes[0], master_port=int(sys.argv[1]))
+              local_world_size=1, master_addr=nodes[0], master_port=0,
+              rendezvous_file=f"{sys.argv[1]}/rendezvous-{os.environ['SLURM_JOB_ID']}.json")
 os.environ["FTLIB_NODE_NAME"] = os.environ["SLURMD_NODENAME"]
 t0 = time.time()
 join(env, timeout_s=120)
@@ -66,8 +66,7 @@ def slurm_rendezvous(nodes: int, folder: Path) -> dict:
     script = folder / "rank.py"
     script.write_text(RANK_SCRIPT)
     out = folder / f"rdzv-{nodes}-%j.out"
-    port = 29000 + nodes
-    batch = (f"#!/bin/bash\ncd {ROOT}\nexport PYTHONPATH={ROOT}\nsrun --kill-on-bad-exit=1 {sys.executable} {script} {port}\n")
+    batch = (f"#!/bin/bash\ncd {ROOT}\nexport PYTHONPATH={ROOT}\nsrun --kill-on-bad-exit=1 {sys.executable} {script} {folder}\n")
     t0 = time.time()
     job = subprocess.run(["sbatch", "--parsable", "--wait", f"--partition={PARTITION}", f"--nodes={nodes}",
                           "--ntasks-per-node=1", "--cpus-per-task=1", "--mem=1G", "--time=10", f"--output={out}",
@@ -148,7 +147,7 @@ def ray_start(nodes: int, folder: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- local ranks
-def _local_rank(rank: int, world: int, port: int, results) -> None:
+def _local_rank(rank: int, world: int, rendezvous: str, results) -> None:
     import torch
     import torch.distributed as dist
 
@@ -157,7 +156,7 @@ def _local_rank(rank: int, world: int, port: int, results) -> None:
     os.environ["FTLIB_NODE_NAME"] = "local"
     t0 = time.time()
     join(DistEnv(rank=rank, local_rank=rank, world_size=world, local_world_size=world, master_addr="127.0.0.1",
-                 master_port=port), timeout_s=300)
+                 master_port=0, rendezvous_file=rendezvous), timeout_s=300)
     t = torch.ones(1)
     dist.all_reduce(t)
     results.put({"rank": rank, "start": t0, "end": time.time(), "sum": t.item()})
@@ -181,9 +180,7 @@ def _mem_kib(pid: int):
 def local_ranks(world: int) -> dict:
     import torch.distributed  # noqa: F401 (imported once, in the parent: the ranks are forked)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    rendezvous = tempfile.mkdtemp(prefix="ftlib-bench-") + "/rendezvous.json"  # private (mode 700)
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
     peak = {"rss": 0, "pss": 0}
@@ -202,7 +199,7 @@ def local_ranks(world: int) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     t0 = time.time()
     for r in range(world):
-        p = ctx.Process(target=_local_rank, args=(r, world, port, results))
+        p = ctx.Process(target=_local_rank, args=(r, world, rendezvous, results))
         p.start()
         procs.append(p)
     sampler.start()

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -84,13 +83,11 @@ def start_training(recipe, ranks: int) -> list:
 
     path = RunDir.of(recipe).root.with_suffix(".yaml")
     recipe_mod.save(recipe, path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    rendezvous = RunDir.of(recipe).rendezvous(f"bench-{time.monotonic_ns()}")  # rank 0 publishes port and secret
     ranks_started = []
     for rank in range(ranks):
         env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks),
-                   LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT="0", FTLIB_RENDEZVOUS=str(rendezvous),
                    HF_HUB_OFFLINE="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
                    TOKENIZERS_PARALLELISM="false")
         log = RunDir.of(recipe).root.with_suffix(f".rank{rank}.log")

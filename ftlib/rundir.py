@@ -15,6 +15,7 @@ runs/<name>/
   serve_token            the endpoint's API token (mode 600; endpoint.json names this file, never the token)
   serve_head.json        while a serve job runs: its Ray head's address and cluster token for the other nodes (mode 600)
   stopped.json           the last time training stopped on a signal: why (cancelled, time limit, ...), step, checkpoint
+  rendezvous-<job>.json  while a training job's ranks meet: rank 0's port and the rendezvous's secret (mode 600)
   eval/                  `make eval`: results.json, generations.md
   report.md, plots/      `make report`
 
@@ -62,6 +63,9 @@ class RunDir:
     eval_generations = property(lambda self: self.eval / "generations.md")
     serve_log = property(lambda self: self.stage_logs("serve") / "local.log")  # a local endpoint's Ray/Serve log
 
+    def rendezvous(self, attempt: str) -> Path:
+        return self.root / f"rendezvous-{attempt}.json"
+
     def stage_logs(self, stage: str) -> Path:
         return self.logs / stage
 
@@ -93,12 +97,16 @@ def use_private_files(recipe) -> None:
     """From now on, what this process (and every job it submits or starts: Slurm and child processes inherit the
     umask) creates is private to the user: folders 0700, files 0600. With run.group, the run directory and the data
     cache are shared read-only with that Unix group instead: umask 027, and both folders get the group and the
-    set-group-id bit, so what is created inside them inherits the group.
+    set-group-id bit, so what is created inside them inherits the group. The libraries' caches and temporary files
+    go into the user's private folder on this host (ftlib.private.use_private_caches).
 
     Checkpoints hold the adapter's weights and the tokenized cache holds the training data: on a shared cluster
     neither may be readable by other users unless the recipe says so."""
+    from ftlib.private import use_private_caches
+
     group = getattr(recipe.run, "group", None)
     os.umask(GROUP_UMASK if group else PRIVATE_UMASK)
+    use_private_caches()
     for folder in (Path(recipe.run.dir), Path(recipe.data.cache_dir)):
         folder.mkdir(parents=True, exist_ok=True)
         if folder.stat().st_uid != os.getuid():

@@ -17,6 +17,10 @@ those to everyone) or in its environment, and is printed only to your terminal. 
 and anyone who can read your terminal; the cookie is sent to every port of localhost in your browser (cookies do
 not tell ports apart), so do not browse untrusted local services in the same browser profile while it runs.
 
+TensorBoard's own bookkeeping file (.tensorboard-info/pid-<N>.info, under $TMPDIR) goes into this user's private
+folder (ftlib.private): in a shared /tmp anyone could create that folder first and fill it with links to the
+owner's files, which TensorBoard would overwrite.
+
 It runs over `--logdir <runs dir>`, which TensorBoard walks recursively, so runs started after TensorBoard
 (runs/<name>/tensorboard) appear by themselves; each is named `<name>/tensorboard`. TensorBoard runs in its own
 process group: stopping kills the group, and TensorBoard's SIGTERM handler removes its own bookkeeping file
@@ -40,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ftlib.private import library_env
 from ftlib.stopping import Stop, stop_on
 
 HOST = "127.0.0.1"
@@ -103,7 +108,10 @@ def start(runs_dir: str | os.PathLike, port: int | None = None, ready_timeout_s:
     # start_new_session: TensorBoard leads its own process group (killed as a whole on stop), and a Ctrl-C in the
     # terminal reaches only us, so the shutdown always goes through stop().
     token = secrets.token_urlsafe(32)
-    process = subprocess.Popen(command, start_new_session=True, stdin=subprocess.PIPE)
+    # TensorBoard keeps its bookkeeping files in $TMPDIR/.tensorboard-info, a name anyone can create first (and fill
+    # with links to the owner's files): its TMPDIR is this user's private folder (ftlib.private).
+    process = subprocess.Popen(command, start_new_session=True, stdin=subprocess.PIPE,
+                               env={**os.environ, **library_env()})
     process.stdin.write(f"{token}\n".encode())  # stdin, not argv or the environment: others can read argv
     process.stdin.close()
     board = TensorBoard(process, port, token)
@@ -213,6 +221,7 @@ def _board(argv) -> None:
     token = sys.stdin.readline().strip()
     if not token:
         sys.exit("ftlib.tensorboard --board: no token on stdin")
+    os.umask(0o077)  # its info file is its owner's business only
     from absl import app as absl_app
     from tensorboard import default, main_lib, program
 

@@ -95,7 +95,8 @@ def _without_deepspeed_shm_op() -> None:
     communication: ~40 s of g++ on 2 cores the first time, again for every checkout or venv path, and a compiler on
     every node. Only its inference_all_reduce uses the op, which training never calls (gradients go through
     torch.distributed); where the op cannot be built, build_shm_op returns None and DeepSpeed runs without it, as
-    training does here."""
+    training does here. The op would also share each rank's buffers through /dev/shm objects with predictable names
+    (uid, address, port, rank) opened without O_EXCL, which another user could create first."""
     import importlib
 
     # By its module name: the attribute deepspeed.comm.torch is the torch package, which deepspeed.comm imports.

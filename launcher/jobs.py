@@ -28,7 +28,7 @@ from typing import Optional
 
 import submitit
 
-from ftlib.rundir import use_private_files
+from ftlib.rundir import RunDir, use_private_files
 from ftlib.stage import check_offline
 from launcher import records
 
@@ -56,11 +56,7 @@ class Train(submitit.helpers.Checkpointable):
         use_gpus = recipe.resources.train.gpus_per_node > 0
         if not use_gpus:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # Name nodes in rendezvous errors by their Slurm name (on the test cluster all share one hostname).
-        os.environ.setdefault("FTLIB_NODE_NAME", os.environ.get("SLURMD_NODENAME", ""))
-        # MASTER_ADDR is the first node; MASTER_PORT is derived from the job id, so two jobs sharing a node differ.
-        dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
-                                                                           overwrite=True)
+        dist_env = rank_environment(recipe)
         if use_gpus:
             os.environ.update(task_device(os.environ, dist_env.local_rank))
         from ftlib.train import JOB_ID_ENV, train
@@ -81,6 +77,23 @@ class Train(submitit.helpers.Checkpointable):
 
     def checkpoint(self, recipe) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(self, recipe)
+
+
+def rank_environment(recipe) -> submitit.helpers.TorchDistributedEnvironment:
+    """The variables that make this task a rank of the training job (ftlib.distributed.DistEnv.from_environ)."""
+    # Name nodes in rendezvous errors by their Slurm name (on the test cluster all share one hostname).
+    os.environ.setdefault("FTLIB_NODE_NAME", os.environ.get("SLURMD_NODENAME", ""))
+    dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    # MASTER_ADDR is the first node. Not submitit's MASTER_PORT: derived from the job id, anyone can compute it and
+    # listen there first. 0: rank 0 takes a port the kernel picks and publishes it, with the rendezvous's secret, in
+    # a private file of the run directory (ftlib.distributed). Its name is this attempt's: a requeued job's ranks
+    # must not find the previous attempt's.
+    from ftlib.distributed import RENDEZVOUS_ENV
+
+    job = submitit.JobEnvironment()
+    attempt = f"{job.job_id}-r{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    os.environ.update({"MASTER_PORT": "0", RENDEZVOUS_ENV: str(RunDir.of(recipe).rendezvous(attempt))})
+    return dist_env
 
 
 # What `scontrol show job` calls a job that is ending (COMPLETING, whatever the cause, while its processes stop).

@@ -101,3 +101,22 @@ def shared_scratch(other_tenant):
         if entry.owner() != pwd.getpwuid(os.geteuid()).pw_name:
             subprocess.run(as_tenant("rm", "-rf", str(entry), user=entry.owner()), timeout=120)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------- process state
+# Tests, like the product, create nothing that other users may read: folders 0700, files 0600.
+os.umask(0o077)
+
+
+@pytest.fixture(autouse=True)
+def _process_state_restored():
+    """What a test changes in this process's environment, temporary folder and umask (e.g. by calling a job's
+    function in-process: jobs set umask 077 and point $TMPDIR and the libraries' caches into the user's private
+    folder) does not leak into the next test."""
+    environ, umask = dict(os.environ), os.umask(0o077)
+    os.umask(umask)
+    yield
+    os.environ.clear()
+    os.environ.update(environ)
+    os.umask(umask)
+    tempfile.tempdir = None

@@ -14,6 +14,8 @@ from ftlib.rundir import RunDir
 from launcher import jobs, launch
 from tests.conftest import DEMO, ROOT
 
+pytestmark = [pytest.mark.security]
+
 
 def readable_by_others(*roots: Path, allowed: int = 0) -> list:
     """Every file or folder under `roots` whose mode gives more than `allowed` to group and others."""

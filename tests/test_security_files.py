@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from ftlib import private
 from ftlib.serve import cluster
+
+pytestmark = [pytest.mark.security]
 
 ATTACKER = os.environ.get("FTLIB_TEST_OTHER_USER", "ftl-bob")
 SYSTEM_PYTHON = "/usr/bin/python3"  # the attacker's own interpreter (standard library only)
@@ -80,8 +83,8 @@ def test_a_base_folder_prepared_by_another_user_is_refused_in_one_line(shared_ro
     base = shared_root / f"ftlib-{os.getuid()}"
     prepared = attacker(PREPARE, kind, base, shared_root / "elsewhere")
     assert prepared.returncode == 0, prepared.stderr
-    with pytest.raises(cluster.UnsafeDirectory) as refused:
-        cluster.user_base(shared_root)
+    with pytest.raises(private.UnsafeDirectory) as refused:
+        private.user_base(shared_root)
     message = str(refused.value)
     assert "\n" not in message and str(base) in message and "refusing" in message
     assert ("is a symbolic link" if kind == "symlink" else f"belongs to user {ATTACKER}") in message
@@ -92,16 +95,16 @@ def test_the_base_folder_is_private_and_a_root_without_the_sticky_bit_is_refused
     root = tmp_path / "root"
     root.mkdir()
     root.chmod(0o1777)
-    base = cluster.user_base(root)
+    base = private.user_base(root)
     assert base == root / f"ftlib-{os.getuid()}" and stat.S_IMODE(base.stat().st_mode) == 0o700
-    assert cluster.user_base(root) == base  # found again as it is
+    assert private.user_base(root) == base  # found again as it is
     base.chmod(0o755)
-    with pytest.raises(cluster.UnsafeDirectory, match="is open to other users"):
-        cluster.user_base(root)
+    with pytest.raises(private.UnsafeDirectory, match="is open to other users"):
+        private.user_base(root)
     base.chmod(0o700)
     root.chmod(0o777)
-    with pytest.raises(cluster.UnsafeDirectory, match="writable by everyone but not sticky"):
-        cluster.user_base(root)
+    with pytest.raises(private.UnsafeDirectory, match="writable by everyone but not sticky"):
+        private.user_base(root)
 
 
 def test_token_files_are_new_private_files_never_followed_links(tmp_path):
@@ -109,15 +112,15 @@ def test_token_files_are_new_private_files_never_followed_links(tmp_path):
     link = tmp_path / "ray_token"
     link.symlink_to(target)
     with pytest.raises(FileExistsError):
-        cluster.write_private(link, "secret")
+        private.write_private(link, "secret")
     assert not target.exists()
     existing = tmp_path / "existing"
     existing.write_text("old")
     with pytest.raises(FileExistsError):
-        cluster.write_private(existing, "secret")
+        private.write_private(existing, "secret")
     assert existing.read_text() == "old"
     fresh = tmp_path / "fresh"
-    cluster.write_private(fresh, "secret")
+    private.write_private(fresh, "secret")
     assert fresh.read_text() == "secret" and stat.S_IMODE(fresh.stat().st_mode) == 0o600
 
 
@@ -133,7 +136,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_folders_of_killed_nodes_are_swept_and_running_ones_kept(tmp_path):
-    base = cluster.private_dir(tmp_path / "base")
+    base = private.private_dir(tmp_path / "base")
     running = cluster.NodeDir(base)
     crashed = subprocess.run([sys.executable, "-c", CRASHING_NODE, str(base)], capture_output=True, text=True,
                              timeout=60, cwd=Path(__file__).resolve().parents[1])
@@ -158,14 +161,14 @@ def test_folders_of_killed_nodes_are_swept_and_running_ones_kept(tmp_path):
 
 
 def test_port_locks_are_kept_in_the_private_base_and_a_linked_lock_folder_is_refused(tmp_path):
-    base = cluster.private_dir(tmp_path / "base")
+    base = private.private_dir(tmp_path / "base")
     ports = cluster.reserve_ports("locks", 0, base)
     try:
         assert (base / "ports" / f"{ports.first}.lock").exists()
         assert stat.S_IMODE((base / "ports").stat().st_mode) == 0o700
     finally:
         ports.release()
-    other = cluster.private_dir(tmp_path / "other")
+    other = private.private_dir(tmp_path / "other")
     (other / "ports").symlink_to(tmp_path / "base" / "ports")
-    with pytest.raises(cluster.UnsafeDirectory, match="ports is a symbolic link"):
+    with pytest.raises(private.UnsafeDirectory, match="ports is a symbolic link"):
         cluster.reserve_ports("locks", 0, other)

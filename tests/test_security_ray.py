@@ -25,6 +25,7 @@ import pytest
 from ftlib.serve import cluster
 from tests.test_security_files import REMOVE, attacker, attacker_prefix
 from tests.test_serve import ray_processes, serve_recipe
+from tests.test_slurm import cluster as slurm_cluster  # noqa: F401 (the session fixture, by this name)
 
 NODE = "import pickle, sys; from ftlib.serve.cluster import run_node; run_node(*pickle.load(open(sys.argv[1], 'rb')))"
 
@@ -240,7 +241,7 @@ def job(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------- the tests
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.security, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def test_a_token_planted_in_advance_by_another_user_is_not_the_clusters(job):
@@ -328,3 +329,37 @@ def test_metrics_asked_for_are_served_from_the_jobs_block(monkeypatch):
     finally:
         node.stop()
     assert not node.dir.path.exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(420)
+@pytest.mark.usefixtures("slurm_cluster")
+def test_a_cancelled_serve_job_leaves_no_token_behind(tmp_path):
+    """`make cancel` of a serve job: Slurm sends SIGTERM, then SIGKILL after KillWait (5 s here; often 30 s) to
+    everything the job runs. Whatever the node has not done by then stays undone: the Ray token of its private
+    folder must not be among it (it is removed first thing), nor the run directory's tokens."""
+    from ftlib.rundir import RunDir
+    from launcher import launch, status
+    from tests.test_slurm import wait_for_jobs
+
+    recipe = serve_recipe(tmp_path, "run.launcher=slurm", "resources.serve.nodes=1", "resources.serve.mem_gb=3")
+    launch.save_recipe(recipe)
+    (job,) = launch.submit(recipe, ["serve"])
+    run = RunDir.of(recipe)
+    try:
+        launch.wait_for_endpoint(recipe, job.job_id, 300)
+        tokens = {Path(environ["RAY_AUTH_TOKEN_PATH"]) for pid in ray_processes(f"{job.job_id}-0")
+                  if (environ := process_environ(pid)).get("RAY_AUTH_TOKEN_PATH")}
+        assert tokens and all(t.exists() for t in tokens), tokens
+    finally:
+        status.cancel(run)
+    assert set(wait_for_jobs([job.job_id], timeout=120).values()) <= {"CANCELLED", "COMPLETED"}
+    left = [str(p) for p in [*tokens, run.token, run.serve_head, run.endpoint] if p.exists()]
+    assert left == [], f"left behind by the cancelled job: {left}"
+
+
+def process_environ(pid: int) -> dict:
+    try:
+        return dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+    except OSError:
+        return {}

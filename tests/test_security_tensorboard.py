@@ -16,6 +16,8 @@ from ftlib import tensorboard
 from tests.test_security_files import attacker, attacker_prefix
 from tests.test_tensorboard import ROOT, write_run
 
+pytestmark = [pytest.mark.security]
+
 ASK = r"""
 import sys, urllib.request, urllib.error
 for url in sys.argv[1:]:
@@ -118,9 +120,9 @@ def test_make_tensorboard_prints_the_secret_only_to_its_own_terminal(tmp_path):
                 assert secret.encode() not in (p / "cmdline").read_bytes()
             except (FileNotFoundError, ProcessLookupError, PermissionError, NotADirectoryError):
                 pass
-        import tempfile
+        from ftlib.private import library_env
 
-        for info in Path(tempfile.gettempdir(), ".tensorboard-info").glob("*.info"):
+        for info in Path(library_env()["TMPDIR"], ".tensorboard-info").glob("*.info"):
             try:
                 assert secret not in info.read_text()
             except FileNotFoundError:

@@ -4,7 +4,6 @@ model, a serve job whose Ray cluster spans 4 nodes, and a rendezvous of 8 ranks 
 
 With FTLIB_SLURM_NODES=2 (a cluster of two nodes) the Slurm tests here skip; the rendezvous test runs anyway."""
 import multiprocessing
-import socket
 import subprocess
 import time
 
@@ -90,30 +89,28 @@ def test_serve_on_four_nodes(make_recipe, tmp_path, eight_nodes):
     assert not run.endpoint.exists()
 
 
-def _join(rank: int, world: int, port: int, timeout_s: float, results) -> None:
+def _join(rank: int, world: int, rendezvous: str, timeout_s: float, results) -> None:
     from ftlib.distributed import DistEnv, join
 
     try:
         join(DistEnv(rank=rank, local_rank=0, world_size=world, local_world_size=1, master_addr="127.0.0.1",
-                     master_port=port), timeout_s=timeout_s)
+                     master_port=0, rendezvous_file=rendezvous), timeout_s=timeout_s)
         results.put((rank, "joined"))
     except Exception as e:  # noqa: BLE001 (the message is what is checked)
         results.put((rank, f"{type(e).__name__}: {e}"))
 
 
 @pytest.mark.timeout(120)
-def test_rendezvous_of_eight_names_the_rank_that_never_came():
+def test_rendezvous_of_eight_names_the_rank_that_never_came(tmp_path):
     """Ranks 0-6 of 8 (local processes; rank 7 never starts): within the timeout every rank that came fails with
     the same message, naming rank 7 and its node."""
     import torch.distributed  # noqa: F401 (imported once, before the fork)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    rendezvous = str(tmp_path / "rendezvous.json")
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
     started = time.monotonic()
-    procs = [ctx.Process(target=_join, args=(r, 8, port, 4, results)) for r in range(7)]
+    procs = [ctx.Process(target=_join, args=(r, 8, rendezvous, 4, results)) for r in range(7)]
     for p in procs:
         p.start()
     found = dict(results.get(timeout=90) for _ in procs)

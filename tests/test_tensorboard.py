@@ -38,10 +38,11 @@ def get_json(url, token):
 
 
 def info_files(pid):
-    """TensorBoard's bookkeeping file for process `pid` (removed when it exits cleanly)."""
-    import tempfile
+    """TensorBoard's bookkeeping file for process `pid` (removed when it exits cleanly), in $TMPDIR: the user's
+    private folder (ftlib.private)."""
+    from ftlib.private import library_env
 
-    return list(Path(tempfile.gettempdir(), ".tensorboard-info").glob(f"pid-{pid}.info"))
+    return list(Path(library_env()["TMPDIR"], ".tensorboard-info").glob(f"pid-{pid}.info"))
 
 
 def wait_gone(processes, timeout_s=20):

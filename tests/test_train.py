@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -52,12 +51,6 @@ def preprocess(recipe):
         run_shard(recipe, i, recipe.data.num_shards)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Ranks:
     """The training processes of one launch; `logs[rank]` is that rank's stdout+stderr."""
 
@@ -65,7 +58,8 @@ class Ranks:
         self.folder = RunDir.of(recipe).root.parent
         path = self.folder / f"recipe-{time.monotonic_ns()}.yaml"
         recipe_mod.save(recipe, path)
-        port = free_port()
+        # Where rank 0 publishes the rendezvous (its port, the secret): what launcher.jobs.rank_environment sets.
+        rendezvous = self.folder / f"rendezvous-{time.monotonic_ns()}.json"
         self.procs, self.log_paths = {}, {}
         for rank in ranks:
             env = dict(os.environ, OMP_NUM_THREADS="1", **(extra_env or {}))
@@ -73,7 +67,8 @@ class Ranks:
                 env.pop(k, None)
             if not single:
                 env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                           LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                           LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0",
+                           FTLIB_RENDEZVOUS=str(rendezvous))
             log = self.folder / f"rank{rank}-{time.monotonic_ns()}.log"
             self.log_paths[rank] = log
             with open(log, "w") as out:
@@ -365,13 +360,13 @@ def test_rendezvous_names_the_rank_that_never_came(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- units
-def test_rank_without_rank_zero_fails_within_the_timeout():
+def test_rank_without_rank_zero_fails_within_the_timeout(tmp_path):
     from ftlib.distributed import DistEnv, RendezvousError, join
 
     started = time.monotonic()
-    with pytest.raises(RendezvousError, match="rank 0 did not open the rendezvous .* within 1 s"):
+    with pytest.raises(RendezvousError, match="rank 0 did not open the rendezvous within 1 s"):
         join(DistEnv(rank=1, local_rank=0, world_size=2, local_world_size=1, master_addr="127.0.0.1",
-                     master_port=free_port()), timeout_s=1)
+                     master_port=0, rendezvous_file=str(tmp_path / "rendezvous.json")), timeout_s=1)
     assert time.monotonic() - started < 15
 
 

@@ -61,8 +61,16 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        if self.status in CLOSE_AFTER:
+            headers["Connection"] = "close"
         return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+# Answers after which the connection ends: a client without the token gets nothing more (its body, if any, is not
+# read), nor does one whose body stopped arriving. Not 413: the client may still be sending its body, and a closed
+# connection would lose it the answer (the proxy's keep-alive timeout ends it if it stops sending).
+CLOSE_AFTER = (401, 408)
 
 
 async def _openai_error(request: Request, e: Exception) -> JSONResponse:
@@ -276,6 +284,7 @@ class AdapterRequest(Strict):
 # (tokenizing it), its memory peaked 1.8 GB higher and stayed ~330 MB higher, all for its certain 400.
 BODY_BYTES_PER_TOKEN = 16
 MIN_BODY_BYTES = 1 << 20
+BODY_IDLE_S, BODY_TOTAL_S = 10, 60  # a body that stalls this long, or takes longer in all, gets 408
 MAX_DIGITS = 100  # in a JSON number: no field takes over 19 (seed < 2**63); Python's int() refuses over 4,300
 
 
@@ -285,18 +294,30 @@ def body_limit(limits, context_length: int) -> int:
 
 async def _read_body(request: Request, limit: int) -> bytes:
     """The request's body, or 413 as soon as it is known to pass `limit` bytes: by its Content-Length before any of
-    it is read, or (chunked, no length) once the bytes read pass the limit."""
+    it is read, or (chunked, no length) once the bytes read pass the limit; 408 when it stalls (BODY_IDLE_S without a
+    byte) or takes over BODY_TOTAL_S in all, rather than holding a connection and a request slot for as long as the
+    client likes (ApiError closes the connection with these answers)."""
     too_large = ApiError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
     length = request.headers.get("content-length", "")
     if length.isdigit() and (len(length) > 18 or int(length) > limit):
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
+    deadline = time.monotonic() + BODY_TOTAL_S
+    stream = request.stream().__aiter__()
+    while True:
+        wait = min(BODY_IDLE_S, deadline - time.monotonic())
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout=max(wait, 0))
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body stopped arriving ({size} bytes after "
+                           f"{BODY_TOTAL_S - (deadline - time.monotonic()):.0f} s; a body must come in "
+                           f"{BODY_TOTAL_S} s, without a pause of {BODY_IDLE_S} s)", code="request_timeout") from None
         size += len(chunk)
         if size > limit:
             raise too_large
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _int(digits: str) -> int:

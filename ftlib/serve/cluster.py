@@ -31,13 +31,20 @@ Security (other users of the same hosts are not trusted):
   - Files: everything of a node lives in a fresh folder with an unpredictable name (NodeDir) inside this user's
     private /tmp/ftlib-<uid> (mode 700; refused, in one line, if it is a symbolic link, another user's, or open to
     others). The token file is written there with O_EXCL|O_NOFOLLOW, mode 600, outside Ray's temporary directory
-    (Ray makes that one world-writable). The port locks are in /tmp/ftlib-<uid>/ports. Stopping removes the
-    folder; starting a node first removes the folders of this user's nodes that were killed (no lock held).
-    Paths stay short: Unix socket paths must stay under 107 bytes.
+    (Ray makes that one world-writable). The port locks are in /tmp/ftlib-<uid>/ports. Stopping removes the token
+    first (a cancelled job is SIGKILLed KillWait seconds after SIGTERM, possibly before Ray has stopped), then the
+    folder; starting a node first removes the folders of this user's nodes that were killed (no lock held), their
+    tokens first. Paths stay short: Unix socket paths must stay under 107 bytes. Every process of the node runs
+    with umask 077 and the libraries' caches and temporary files in /tmp/ftlib-<uid>/{cache,tmp} (ftlib.private):
+    Inductor's code compiled for vLLM's sampler, vLLM's sockets and files, whatever uses $TMPDIR.
   - Ray's Prometheus endpoints take no token, so they are off unless FTLIB_RAY_METRICS=1 (then on the block's
     ports, every interface: for a site's Prometheus). The dashboard, when on, listens on loopback only.
   - One listener is outside the block: Serve's replicas run an inter-deployment gRPC server on a port Ray 2.60
     hard-codes as "[::]:0" (the kernel's ephemeral range, which the blocks avoid); it checks the token.
+  - Where Ray listens: the client server and the agents on the node's address; the GCS, the raylet (node and object
+    manager), the dashboard agent's gRPC and the replicas' gRPC on every interface (Ray 2.60 has no setting for
+    these; all check the token). A local endpoint's node (127.0.0.1) runs Ray on 127.0.0.2 (ray_address_of), so
+    that the first group stays on loopback.
 """
 from __future__ import annotations
 
@@ -47,12 +54,11 @@ import fcntl
 import json
 import os
 import re
+import resource
 import secrets
-import pwd
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -65,8 +71,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional
 
-from ftlib.errors import UserError
-from ftlib.rundir import RunDir, read_json, write_atomic, write_json
+from ftlib.private import open_private, private_dir, user_base, write_private
+from ftlib.rundir import RunDir, read_json, use_private_files, write_atomic, write_json
 from ftlib.stopping import stop_on, unblock
 
 PORT_RANGE = (20000, 32000)  # Ray's own defaults use 6379, 8265, 10002-19999; Linux's ephemeral range starts at 32768
@@ -76,9 +82,10 @@ NAMED_PORTS = ("gcs", "node_manager", "object_manager", "client_server", "dashbo
                "autoscaler_metrics")
 WORKER_PORTS = (16, BLOCK)  # offsets in the block: 112 ports for Ray's worker processes
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
-TMP_ROOT = Path("/tmp")  # not $TMPDIR: every job of this user on this host must find the same port locks
 METRICS_ENV = "FTLIB_RAY_METRICS"  # =1: Ray's Prometheus endpoints on (unauthenticated, every interface)
 UNBINDABLE_PORT = "65536"
+RAY_LOOPBACK = "127.0.0.2"  # a local endpoint's Ray node (see ray_address_of)
+KEEP_ALIVE_S = 5  # an idle connection of the HTTP proxy is closed after this (Ray's default: 90 s)
 
 
 def log(msg: str) -> None:
@@ -86,66 +93,6 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- private files
-class UnsafeDirectory(UserError, RuntimeError):
-    """A folder we would keep tokens or locks in is not safely ours (the CLI prints its one line)."""
-
-
-def private_dir(path: Path) -> Path:
-    """`path`, created mode 700 if missing; refused unless it is a real directory (not a symbolic link), owned by
-    this user, that nobody else may enter."""
-    try:
-        path.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(path)
-    why = None
-    if stat.S_ISLNK(st.st_mode):
-        why = "is a symbolic link"
-    elif not stat.S_ISDIR(st.st_mode):
-        why = "is not a directory"
-    elif st.st_uid != os.getuid():
-        why = f"belongs to {_user_name(st.st_uid)}, not to you"
-    elif st.st_mode & 0o077:
-        why = f"is open to other users (mode {stat.S_IMODE(st.st_mode):o})"
-    if why:
-        raise UnsafeDirectory(f"{path} {why}: refusing to keep Ray's files and tokens there (someone may have "
-                              f"prepared it in advance); remove it and start again")
-    return path
-
-
-def user_base(root: Path = TMP_ROOT) -> Path:
-    """root/ftlib-<uid>: this user's private folder on this host (node folders, port locks). The name can be
-    predicted, so it is checked (private_dir), and so is `root`: a world-writable root without the sticky bit would
-    let anyone rename our folder away and put theirs in its place."""
-    st = os.stat(root)
-    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-        raise UnsafeDirectory(f"{root} is writable by everyone but not sticky: refusing to keep Ray's files there")
-    return private_dir(root / f"ftlib-{os.getuid()}")
-
-
-def open_private(path: Path) -> int:
-    """A lock file of ours (created 600; never through a symbolic link; refused if another user owns it)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    if os.fstat(fd).st_uid != os.getuid():
-        os.close(fd)
-        raise UnsafeDirectory(f"{path} belongs to {_user_name(os.stat(path).st_uid)}, not to you: refusing it")
-    return fd
-
-
-def write_private(path: Path, text: str) -> None:
-    """A new file only we can read (600): never an existing file, never through a symbolic link."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return f"user {pwd.getpwuid(uid).pw_name}"
-    except KeyError:
-        return f"uid {uid}"
-
-
 class NodeDir:
     """The folder of one Ray node of ours on this host: a fresh, unpredictable name in the user's base folder
     (tempfile.mkdtemp), holding
@@ -171,7 +118,12 @@ class NodeDir:
         self.token_file = self.path / "ray_token"
         self.ray_dir = self.path / "ray"
 
+    def forget_token(self) -> None:
+        """The token first, before anything slow: Slurm's SIGKILL (KillWait after SIGTERM) may come any moment."""
+        self.token_file.unlink(missing_ok=True)
+
     def remove(self) -> None:
+        self.forget_token()
         shutil.rmtree(self.path, ignore_errors=True)
         os.close(self._lock)
 
@@ -198,6 +150,7 @@ def sweep_leftovers(base: Path) -> List[Path]:
         finally:
             if fd is not None:
                 os.close(fd)
+        Path(entry.path, "ray_token").unlink(missing_ok=True)  # the secret first: Ray's folder can take a while
         shutil.rmtree(entry.path, ignore_errors=True)
         removed.append(Path(entry.path))
         log(f"removed {entry.path}, left behind by a node of yours that did not stop cleanly")
@@ -262,7 +215,7 @@ class RayNode:
 
     def __init__(self, job_id: str, node_rank: int, host: str, ray_token: str, head_address: Optional[str] = None,
                  dashboard: bool = False):
-        self.job_id, self.rank, self.ip = job_id, node_rank, socket.gethostbyname(host)
+        self.job_id, self.rank, self.ip = job_id, node_rank, ray_address_of(host)
         base = user_base()
         self.dir = NodeDir(base)
         try:
@@ -342,6 +295,7 @@ class RayNode:
         the node's processes are therefore taken as a tree before stopping, and waited for (killed if need be)."""
         import psutil
 
+        self.dir.forget_token()
         try:
             tree = psutil.Process(self.process.pid).children(recursive=True)
         except psutil.NoSuchProcess:
@@ -362,6 +316,14 @@ class RayNode:
         psutil.wait_procs(left, timeout=5)
         self.ports.release()
         self.dir.remove()
+
+
+def ray_address_of(host: str) -> str:
+    """The address a Ray node on `host` takes. Ray moves 127.0.0.1 (and "localhost") to the machine's network
+    address, where its agents then listen for anyone on the network: a node on 127.0.0.1 (a local endpoint) gets
+    RAY_LOOPBACK instead, another loopback address, which Ray takes as it is."""
+    ip = socket.gethostbyname(host)
+    return RAY_LOOPBACK if ip == "127.0.0.1" else ip
 
 
 def ray_auth_env(token_file: Path) -> dict:
@@ -406,6 +368,10 @@ def run_node(recipe, node_rank: int, hostnames: List[str], job_id: str, stop: Op
     and SIGUSR2 stop it: call it from the main thread, before starting threads of your own (they would have to
     block these signals too); the signals behave as before once it returns."""
     job_id = re.sub(r"[^A-Za-z0-9_.-]", "_", str(job_id))[:40]
+    # Whatever started us (a job, `make serve`, a test): our files are private, and so are the caches of every
+    # library in this node's processes (Ray's, the replicas', vLLM's engine and its compiled code).
+    use_private_files(recipe)
+    use_all_open_files()
     with contextlib.ExitStack() as signals:
         if stop is None:
             # Blocked and taken by a thread, not caught by handlers: ray.init installs SIGTERM handlers of its own
@@ -446,6 +412,15 @@ def run_node_in_serve_env(python: Path, args: tuple, stop: threading.Event) -> N
             break
     if child.returncode not in (0, -signal.SIGTERM):
         raise RuntimeError(f"the serve node under {python} exited with status {child.returncode}")
+
+
+def use_all_open_files() -> None:
+    """Raise this process's open-files limit (and so its Ray processes', the HTTP proxy's included) to the hard
+    limit. Every connection holds one: at the usual 1,024, anyone who can reach the port blocks the endpoint with
+    ~1,000 connections that never finish their request (the proxy has no timeout for unfinished headers)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _run(node_rank: int, node, stop, time_limit_s: Optional[float]) -> None:
@@ -493,10 +468,11 @@ class HeadNode:
 
         from ftlib.serve.app import build_app
 
-        bind = s.http_host or self.ray.ip  # the head's address as given (loopback in tests), not Ray's remapping
+        bind = s.http_host or socket.gethostbyname(self.hostnames[0])  # the head's address as given
         port = s.port or self.ray.ports.http
         api_token = secrets.token_urlsafe(32)
-        serve.start(http_options={"host": bind, "port": port}, proxy_location="HeadOnly")
+        serve.start(http_options={"host": bind, "port": port, "keep_alive_timeout_s": KEEP_ALIVE_S},
+                    proxy_location="HeadOnly")
         log(f"deploying the Serve application on {len(self.hostnames)} node(s)")
         serve.run(build_app(self.recipe, api_token), name="ftlib", route_prefix="/")
         host = self.hostnames[0] if bind in ("0.0.0.0", "::") else bind
@@ -535,12 +511,16 @@ class HeadNode:
         return None
 
     def stop(self) -> None:
+        # Files first, secrets among them: a cancelled job gets SIGKILL KillWait seconds after SIGTERM (5-30 s at
+        # most sites), and Ray may take longer than that to stop.
         mine = (read_json(self.run.endpoint) or {}).get("job_id") == self.job_id
         if mine:  # clients stop finding us first; leave another job's files alone
             self.run.endpoint.unlink(missing_ok=True)
             self.run.token.unlink(missing_ok=True)
         if (read_json(self.run.serve_head) or {}).get("job_id") == self.job_id:
             self.run.serve_head.unlink(missing_ok=True)
+        if self.ray is not None:
+            self.ray.dir.forget_token()
         if self.connected:
             import ray
             from ray import serve
