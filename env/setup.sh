@@ -28,8 +28,17 @@ pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 # torch first and on its own: without a pin pip resolves a CUDA build and several GB of nvidia wheels.
 "${pip[@]}" ${TORCH_INDEX:+--index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple} "$TORCH_SPEC"
 torch_version=$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')
+# Liger Kernel (the fast path, ftlib/fastpath.py) is Triton kernels for CUDA GPUs. A CPU build of torch cannot run
+# them: leave out liger-kernel and triton (a 273 MB wheel, ~1 GB installed). A CUDA build of torch brings the triton
+# it was built with: keep that one instead of the lock's.
+torch_triton=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("triton"))' 2>/dev/null || true)
+if "$VENV/bin/python" -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then
+  skip='^triton=='; constraints=("torch==$torch_version" ${torch_triton:+"triton==$torch_triton"})
+else
+  skip='^(liger-kernel|triton)=='; constraints=("torch==$torch_version")
+fi
 # DeepSpeed ships as an sdist; DS_BUILD_OPS=0 defers its C++/CUDA ops to JIT compilation at first use.
-DS_BUILD_OPS=0 "${pip[@]}" -r env/requirements.lock -c <(echo "torch==$torch_version")
+DS_BUILD_OPS=0 "${pip[@]}" -r <(grep -v -E "$skip" env/requirements.lock) -c <(printf '%s\n' "${constraints[@]}")
 "${pip[@]}" --no-deps -e .
 "$VENV/bin/python" -m pip check
 echo "$want" > "$stamp"
