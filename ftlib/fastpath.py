@@ -62,7 +62,7 @@ class Device:
             liger = version("liger-kernel")
         if not torch.cuda.is_available():
             return cls(cuda=False, liger=liger)
-        index = int(os.environ.get("LOCAL_RANK", 0))
+        index = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()  # (one GPU per task: index 0)
         props = torch.cuda.get_device_properties(index)
         return cls(cuda=True, name=props.name, memory_gb=props.total_memory / GIB,
                    flash_attn=is_flash_attn_2_available(), liger=liger)
@@ -97,8 +97,7 @@ def choose(recipe, device: Optional[Device] = None) -> FastPath:
     def refuse(part: str, why: str):
         raise UserError(f"fast_path.{part}: true, but {why}; set it to auto or false")
 
-    where = f"{device.name}" if device.cuda else "CPU"
-    recipe = _with_zero_stage(recipe, device, say, refuse)
+    recipe = _with_zero_stage(recipe, device, say)
     zero3 = _is_zero3(recipe)
 
     # attention
@@ -122,8 +121,8 @@ def choose(recipe, device: Optional[Device] = None) -> FastPath:
         say("attention", "flex_attention with a document mask from the position ids: no dense mask, no stored "
                          "probabilities, and no work across examples (FlashAttention 2 is not installed)")
     else:
-        say("attention", f"sdpa: padded rows, whose mask CUDA's memory-efficient kernel takes without storing "
-                         f"probabilities (data.packing is false)")
+        say("attention", "sdpa: padded rows, whose mask CUDA's memory-efficient kernel takes without storing "
+                         "probabilities (data.packing is false)")
 
     # loss
     adapted_head = "lm_head" in list(recipe.lora.target_modules)
@@ -185,7 +184,7 @@ def choose(recipe, device: Optional[Device] = None) -> FastPath:
                     compile=compile_layers, lora_dtype=lora_dtype, lines=lines)
 
 
-def _with_zero_stage(recipe, device: Device, say, refuse):
+def _with_zero_stage(recipe, device: Device, say):
     """The recipe, with ZeRO-2 instead of ZeRO-3 where fast_path.zero3 says so."""
     d, choice = recipe.deepspeed, recipe.fast_path.zero3
     if not d.enabled or d.config_file or d.zero_stage != 3:
@@ -195,7 +194,7 @@ def _with_zero_stage(recipe, device: Device, say, refuse):
         return recipe
     if choice == "auto":
         if not device.cuda:
-            say("zero3", "ZeRO-3, as deepspeed.zero_stage says (no GPU whose memory the base could fit)")
+            say("zero3", "ZeRO-3, as deepspeed.zero_stage says (no GPU here for the base to fit in)")
             return recipe
         base = base_bytes(recipe) / GIB
         if base > FITS_ONE_GPU * device.memory_gb:
