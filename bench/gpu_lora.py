@@ -27,9 +27,9 @@ and, as time allows, the controls:
 Per configuration: real tokens/s (non-padding tokens per second; the median over the optimizer steps after the first
 --warmup), TFLOPS = model FLOPs per real token x tokens/s, MFU = TFLOPS / the GPU's dense bf16 peak, and the peak GPU
 memory (torch.cuda.max_memory_allocated, as the train log's last line says it). Model FLOPs per token (the same for
-every configuration but for its LoRA rank): 4 x the base's matmul weights (forward + input gradients; the frozen base needs no
-weight gradients) + 6 x the LoRA weights + 12 x layers x hidden x the mean example length (attention within an
-example); recomputation under activation checkpointing is not counted. Ratios are against the notebook loop, measured
+every configuration but for its LoRA rank): 4 x the base's matmul weights (forward + input gradients; the frozen base
+needs no weight gradients) + 6 x the LoRA weights + 12 x layers x hidden x the mean example length (attention within
+an example); recomputation under activation checkpointing is not counted. Ratios are against the notebook loop, measured
 in the same run.
 """
 from __future__ import annotations

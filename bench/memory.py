@@ -100,7 +100,8 @@ def measure(path: str, model_dir: Path, tokens: int, step: bool = True) -> dict:
     per_layer = [saved.bytes.get(f"layer {i}", 0.0) / tokens for i in range(len(layers))]
     return {"path": path, "lines": fast.lines + fast.model_lines, "tokens": tokens,
             "per_layer": per_layer, "other": saved.bytes.get("other", 0.0) / tokens,
-            "total": sum(saved.bytes.values()) / tokens, "checkpointed": [layer.gradient_checkpointing for layer in layers],
+            "total": sum(saved.bytes.values()) / tokens,
+            "checkpointed": [layer.gradient_checkpointing for layer in layers],
             "peak_bytes": peak, "loss": float(loss)}
 
 

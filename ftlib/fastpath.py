@@ -413,8 +413,9 @@ def probe(model, recipe, device: torch.device, tokens: int = PROBE_TOKENS) -> Me
     per_token = {k: v / tokens for k, v in saved.bytes.items()}
     layers = [v for k, v in per_token.items() if k.startswith("layer")]
     hidden = config.hidden_size * next(p for p in model.parameters() if p.is_floating_point()).element_size()
-    return Measured(per_layer=max(layers, default=0.0),
-                    per_checkpointed_layer=saved.layer_input_bytes / tokens or hidden, other=per_token.get("other", 0.0))
+    checkpointed = saved.layer_input_bytes / tokens or hidden
+    return Measured(per_layer=max(layers, default=0.0), per_checkpointed_layer=checkpointed,
+                    other=per_token.get("other", 0.0))
 
 
 def mixed_precision(recipe, device: torch.device):

@@ -193,8 +193,8 @@ class DataConfig:
     eval_fraction: float = opt(0.02, "Fraction of rows held out for evaluation.")
     split_seed: int = opt(42, "Seed of the train/eval split (independent of the number of shards).")
     packing: bool = opt(False, "Pack several examples into each sequence_len window (no padding, no cross-attention).")
-    pack_to: Optional[int] = opt(None, "With packing: tokens per packed row (default: sequence_len); examples are still "
-                                 "cut at sequence_len, so a longer row holds more of the same examples.")
+    pack_to: Optional[int] = opt(None, "With packing: tokens per packed row (default: sequence_len); examples are "
+                                 "still cut at sequence_len, so a longer row holds more of the same examples.")
     max_bad_fraction: float = opt(0.01, "Fail preprocessing when more than this fraction of rows is malformed "
                                   "(checked in each shard).")
     cache_dir: str = opt("cache/tokenized", "Where tokenized shards are written, keyed by a fingerprint.", path=True)
@@ -211,7 +211,8 @@ class DataConfig:
             if not self.packing:
                 raise Invalid(self, "pack_to", "needs data.packing: true")
             if self.pack_to < self.sequence_len:
-                raise Invalid(self, "pack_to", f"{self.pack_to} is shorter than data.sequence_len ({self.sequence_len})")
+                raise Invalid(self, "pack_to", f"{self.pack_to} is shorter than data.sequence_len "
+                              f"({self.sequence_len})")
 
     @property
     def row_len(self) -> int:
@@ -271,15 +272,15 @@ class DeepSpeedConfig:
 
 @dataclass
 class FastPathConfig:
-    """Each part: auto (ftlib/fastpath.py decides for this device and recipe), true (fail where it cannot run), false."""
+    """Each part: auto (ftlib/fastpath.py decides for the device and recipe), true (fail where it cannot run), false."""
     attention: Union[bool, str] = opt("auto", "Attention over packed rows that builds no dense mask and stores no "
                                       "attention probabilities: FlashAttention 2 (by position ids) where installed, "
                                       "else torch's flex_attention; GPU only (auto keeps sdpa on CPU). "
                                       "model.attn_implementation, if set, wins.")
     loss: Union[bool, str] = opt("auto", "Head + cross-entropy without a micro-batch's vocabulary logits in fp32 at "
                                  "once: Liger Kernel's fused linear cross-entropy on a GPU, a chunked loss elsewhere.")
-    kernels: Union[bool, str] = opt("auto", "Liger Kernel's fused RMSNorm, SwiGLU and RoPE (Triton: CUDA GPUs, the model "
-                                    "types Liger supports).")
+    kernels: Union[bool, str] = opt("auto", "Liger Kernel's fused RMSNorm, SwiGLU and RoPE (Triton: CUDA GPUs, the "
+                                    "model types Liger supports).")
     compile: Union[bool, str] = opt("auto", "torch.compile of every decoder layer (auto: off until bench/gpu_lora.py "
                                     "shows it pays).")
     lora_dtype: Union[bool, str] = opt("auto", "LoRA matmuls in the mixed-precision dtype (fp16/bf16) on the layer's "
@@ -448,7 +449,8 @@ class Recipe:
     lora: LoraConfig = opt(LoraConfig(), "LoRA adapter.")
     deepspeed: DeepSpeedConfig = opt(DeepSpeedConfig(), "DeepSpeed (ZeRO, offload).")
     fast_path: FastPathConfig = opt(FastPathConfig(), "What makes training fast, part by part (ftlib/fastpath.py "
-                                    "decides auto per device and recipe; the train log's first lines say what and why).")
+                                    "decides auto per device and recipe; the train log's first lines say what and "
+                                    "why).")
     train: TrainConfig = opt(TrainConfig(), "Optimization, evaluation and checkpointing.")
     serve: ServeConfig = opt(ServeConfig(), "The Ray Serve endpoint.")
     resources: ResourcesConfig = opt(ResourcesConfig(), "Resources per stage: these size every stage, on Slurm and "

@@ -57,7 +57,8 @@ def test_a_part_set_true_that_cannot_run_here_fails_in_one_line(make_recipe, par
 
 def test_on_a_gpu_the_fast_recipe_takes_liger_and_flex_attention(make_recipe):
     """The decisions alone, for a GPU described to choose() (nothing runs on it here)."""
-    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (env/requirements.lock installs it)")
+    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (env/setup.sh installs it with a CUDA "
+                        "build of torch only)")
     recipe = make_recipe(f"model.name_or_path={TINY_MODEL}", base=FAST_RECIPE)
     fast = fastpath.choose(recipe, fastpath.Device(**H200, liger="0.8.5"))
     assert fast.attention == "flex_attention" and "document mask" in lines_about(fast, "attention")
@@ -264,7 +265,8 @@ def test_fast_recipe_reaches_the_notebook_recipes_eval_loss_at_equal_tokens(tmp_
     from tests.test_train import Ranks, preprocess, scalars
 
     def recipe(path, name, *more):
-        common = [f"run.dir={tmp_path / name}", f"data.cache_dir={tmp_path / 'cache'}", f"model.name_or_path={TINY_MODEL}",
+        common = [f"run.dir={tmp_path / name}", f"data.cache_dir={tmp_path / 'cache'}",
+                  f"model.name_or_path={TINY_MODEL}",
                   f"data.sources=[{{path: '{SAMPLE_DATA}', format: alpaca, max_rows: 640}}]", "data.num_shards=1",
                   "data.eval_fraction=0.1", "train.epochs=1", "train.eval_steps=1000", "train.save_steps=1000",
                   "train.logging_steps=1", "train.sample_prompts=[]", "resources.train.gpus_per_node=0"]
