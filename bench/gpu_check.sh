@@ -13,7 +13,6 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
-exec > >(tee -a "$OUT/check.log") 2>&1
 START=$SECONDS
 BUDGET=${BUDGET:-540}   # seconds for everything, inside the call's 570
 
@@ -26,13 +25,14 @@ step() {  # step NAME SECONDS COMMAND...: run it under its own limit, say how it
   return $code
 }
 
-[ -d .whl ] || { echo "no .whl/: run bash bench/gpu_prepare.sh here first and carry .whl"; exit 2; }
+main() {
+[ -d .whl ] || { echo "no .whl/: run bash bench/gpu_prepare.sh here first and carry .whl"; return 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 
 step install 120 bash -c 'python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps \
-    --no-build-isolation --no-compile --target /tmp/site .whl/deepspeed-*.tar.gz' || exit 1
+    --no-build-isolation --no-compile --target /tmp/site .whl/deepspeed-*.tar.gz' || return 1
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 python3 -c 'import transformers, peft, liger_kernel, deepspeed, bitsandbytes; print("transformers", transformers.__version__, "peft", peft.__version__, "deepspeed", deepspeed.__version__, "bitsandbytes", bitsandbytes.__version__)'
 
@@ -42,3 +42,6 @@ step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/
 left=$((BUDGET - (SECONDS - START)))
 step bench $((left > 60 ? left : 60)) python3 bench/gpu_lora.py --deadline-s $((left - 30)) --json "$OUT/gpu_lora.json"
 echo "=== done in $((SECONDS - START)) s"
+}
+
+main 2>&1 | tee -a "$OUT/check.log"

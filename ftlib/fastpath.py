@@ -311,6 +311,12 @@ def _checkpoint_every(model, fast: FastPath, recipe, say) -> int:
         say("fast path: activation checkpointing: every decoder layer (auto under ZeRO-3, whose sharded weights "
             "cannot run a probe forward before DeepSpeed starts; a model that needs ZeRO-3 has little memory to spare)")
         return 1
+    if str(recipe.model.quantization) == "8bit":
+        # bitsandbytes' 8-bit layers move their quantization state at their first forward, after which they refuse
+        # to load a checkpoint's: a probe would break resuming.
+        say("fast path: activation checkpointing: every decoder layer (auto with an 8-bit base: a probe forward "
+            "before training would keep bitsandbytes' 8-bit layers from loading a checkpoint to resume from)")
+        return 1
     budget = memory_budget(recipe, fast.device)
     if budget is None:
         say("fast path: activation checkpointing: none (auto: no memory limit known; set fast_path.memory_gb or "

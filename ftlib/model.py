@@ -2,7 +2,8 @@
 
 Three entry points:
   load_tokenizer(recipe)                    the tokenizer, with a pad token
-  load_model(recipe, for_training=True)     the base (+ bitsandbytes quantization) wrapped in a fresh LoRA adapter
+  load_model(recipe, for_training=True)     the base (+ bitsandbytes quantization) wrapped in a fresh LoRA adapter, with
+                                            the fast path's parts applied (ftlib/fastpath.py)
                                             (for_training=False: the plain base, in eval mode)
   load_for_inference(recipe, adapters)      the base plus several named PEFT adapters, for serving:
                                                 model = load_for_inference(recipe, {"demo": "runs/demo/adapter"})

@@ -166,11 +166,11 @@ def test_gpu_kernels_equal_the_plain_path(make_recipe):
     batch = {k: v.cuda() for k, v in fastpath.sample_batch(512, 2, 512, 128, True).items()}
     # The plain path first: Liger replaces transformers' RoPE function for the whole process.
     torch.manual_seed(0)
-    plain = load_model(make_recipe(*overrides, *EVERY_PART_OFF)).cuda().train()
+    plain = load_model(make_recipe(*overrides, *EVERY_PART_OFF))
     generator = torch.Generator().manual_seed(1)
     lora_b = {n: p.data.normal_(0, 0.05, generator=generator).clone() for n, p in plain.named_parameters()
               if "lora_B" in n}
-    loss, grads = _loss_and_grads(plain, batch)
+    loss, grads = _loss_and_grads(plain.cuda().train(), batch)
     recipe = make_recipe(*overrides, "model.gradient_checkpointing=true")
     chosen = fastpath.choose(recipe)
     assert (chosen.attention, chosen.loss, chosen.kernels) == ("flex_attention", "liger", True)
