@@ -19,7 +19,8 @@ part cannot run, false leaves it out):
               stay fp32 for the optimizer).
   zero3       with deepspeed.zero_stage 3, ZeRO-3 only where the base does not fit one GPU.
 and model.gradient_checkpointing: auto, which checkpoints every n-th decoder layer (transformers' every_n_layers), the
-fewest that fit fast_path.memory_gb, from what a probe forward measures autograd saving per token (SavedTensors).
+fewest that fit fast_path.memory_gb, from what a probe forward measures autograd saving per token (SavedTensors); every
+layer where no probe can run first (ZeRO-3's sharded weights, bitsandbytes' 8-bit layers).
 """
 from __future__ import annotations
 
