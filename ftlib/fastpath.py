@@ -260,7 +260,7 @@ def base_bytes(recipe) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------- the model
-def apply(model, fast: FastPath, recipe) -> None:
+def apply(model, fast: FastPath) -> None:
     """The parts that act on a loaded model with its LoRA adapter: LoRA dtype, Liger kernels, the loss, activation
     checkpointing (model.gradient_checkpointing: true, false, or auto: measured here) and torch.compile. Call
     before the Trainer is built; appends what it did to fast.model_lines."""
@@ -278,7 +278,7 @@ def apply(model, fast: FastPath, recipe) -> None:
                                    "cross_entropy": False, "fused_linear_cross_entropy": fast.loss == "liger"})
     if fast.loss == "chunked":
         ChunkedLoss.install(causal_lm(model))
-    every = _checkpoint_every(model, fast, recipe, say)
+    every = _checkpoint_every(model, fast, say)
     if every:
         causal_lm(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
                                                           every_n_layers=every)
@@ -299,9 +299,10 @@ def decoder_layers(model) -> List[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def _checkpoint_every(model, fast: FastPath, recipe, say) -> int:
+def _checkpoint_every(model, fast: FastPath, say) -> int:
     """Checkpoint every n-th decoder layer (0: none), as model.gradient_checkpointing says or, for auto, the fewest
     layers whose estimated peak fits the memory budget."""
+    recipe = fast.recipe
     choice = recipe.model.gradient_checkpointing
     layers = len(decoder_layers(model))
     if choice != "auto":

@@ -120,7 +120,7 @@ def load_model(recipe, for_training: bool = True, fast=None):
     # position_ids is only used when no cache is in play.
     model.config.use_cache = False
     model = get_peft_model(model, lora_config(recipe))
-    fastpath.apply(model, fast, recipe)
+    fastpath.apply(model, fast)
     return model
 
 
