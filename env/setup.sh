@@ -91,8 +91,20 @@ install ${TORCH_INDEX:+--index-url "$TORCH_INDEX" --extra-index-url https://pypi
 "$py" -W ignore -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > "$pins"
 
 if [ "${1:-train}" = train ]; then
+    # Liger Kernel (the fast path, ftlib/fastpath.py) is Triton kernels for CUDA GPUs. A CPU build of torch cannot run
+    # them: leave out liger-kernel and triton (a 273 MB wheel, ~1 GB installed). A CUDA build of torch brings the
+    # triton it was built with: keep that one instead of the lock's.
+    if "$py" -W ignore -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then
+        skip='^triton=='
+        "$py" -c 'import importlib.metadata as m; print("triton==" + m.version("triton"))' >> "$pins" 2>/dev/null || true
+    else
+        skip='^(liger-kernel|triton)=='
+    fi
+    requirements=$(mktemp)
+    trap 'rm -f "$pins" "$requirements"' EXIT
+    grep -v -E "$skip" "$lock" > "$requirements"
     # DeepSpeed ships as an sdist; DS_BUILD_OPS=0 defers its C++/CUDA ops to JIT compilation at first use.
-    DS_BUILD_OPS=0 install -r "$lock" -c "$pins"
+    DS_BUILD_OPS=0 install -r "$requirements" -c "$pins"
     install --no-deps -e .
     out=$("$py" -m pip check 2>&1) || { echo "pip check failed in $venv: $out" >&2; exit 1; }
     check="import torch, transformers, peft, datasets, deepspeed, ray.serve, ftlib"

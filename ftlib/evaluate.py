@@ -58,7 +58,7 @@ def eval_dataset(recipe, data: Optional[str] = None, data_format: str = "alpaca"
     if recipe.data.packing:
         from ftlib.data.packing import pack_dataset
 
-        shard = pack_dataset(shard, recipe.data.sequence_len)
+        shard = pack_dataset(shard, recipe.data.row_len)
     return shard, str(path)
 
 

@@ -2,7 +2,8 @@
 
 Three entry points:
   load_tokenizer(recipe)                    the tokenizer, with a pad token
-  load_model(recipe, for_training=True)     the base (+ bitsandbytes quantization) wrapped in a fresh LoRA adapter
+  load_model(recipe, for_training=True)     the base (+ bitsandbytes quantization) wrapped in a fresh LoRA adapter, with
+                                            the fast path's parts applied (ftlib/fastpath.py)
                                             (for_training=False: the plain base, in eval mode)
   load_for_inference(recipe, adapters)      the base plus several named PEFT adapters, for serving:
                                                 model = load_for_inference(recipe, {"demo": "runs/demo/adapter"})
@@ -52,10 +53,11 @@ def quantization_config(recipe, sharded: bool = False) -> Optional[BitsAndBytesC
     return None
 
 
-def load_base(recipe, device: Optional[str] = None, sharded: bool = False):
+def load_base(recipe, device: Optional[str] = None, sharded: bool = False, attention: Optional[str] = None):
     """The base model in `model.dtype`, quantized if the recipe says so. Quantized weights cannot be moved after
     loading, so they are placed on `device` (default: this rank's GPU, or the CPU) while loading; unless `sharded`
-    (training under ZeRO-3), where DeepSpeed places the shards itself."""
+    (training under ZeRO-3), where DeepSpeed places the shards itself. `attention`: the attention kernel when
+    model.attn_implementation names none (the fast path's choice)."""
     m = recipe.model
     quant = quantization_config(recipe, sharded)
     kwargs = {}
@@ -65,8 +67,8 @@ def load_base(recipe, device: Optional[str] = None, sharded: bool = False):
             kwargs["device_map"] = {"": device or _default_device()}
     elif device is not None:
         kwargs["device_map"] = {"": device}
-    if m.attn_implementation:
-        kwargs["attn_implementation"] = m.attn_implementation
+    if m.attn_implementation or attention:
+        kwargs["attn_implementation"] = m.attn_implementation or attention
     model = AutoModelForCausalLM.from_pretrained(
         m.name_or_path, dtype=DTYPES[m.dtype], trust_remote_code=m.trust_remote_code, **kwargs)
     if m.quantization == "4bit":
@@ -97,27 +99,29 @@ def lora_config(recipe):
                       use_dora=lo.use_dora, bias="none", task_type="CAUSAL_LM")
 
 
-def load_model(recipe, for_training: bool = True):
-    """The base model; for training also prepared for k-bit training / gradient checkpointing and wrapped in a new
-    LoRA adapter initialised from the current torch seed (call transformers.set_seed first for reproducibility)."""
+def load_model(recipe, for_training: bool = True, fast=None):
+    """The base model; for training also prepared for k-bit training and wrapped in a new LoRA adapter initialised
+    from the current torch seed (call transformers.set_seed first for reproducibility), with the fast path applied:
+    `fast` from ftlib.fastpath.choose (default: chosen here), which also decides the activation checkpointing."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    model = load_base(recipe, sharded=for_training and is_zero3(recipe))
+    from ftlib import fastpath
+
     if not for_training:
-        return model.eval()
-    checkpointing = recipe.model.gradient_checkpointing
-    # Non-reentrant checkpointing works with a frozen embedding (no need to force input gradients).
-    ckpt_kwargs = {"use_reentrant": False}
+        return load_base(recipe).eval()
+    fast = fast or fastpath.choose(recipe)
+    recipe = fast.recipe  # with the ZeRO stage the fast path chose
+    model = load_base(recipe, sharded=is_zero3(recipe), attention=fast.attention)
     if recipe.model.quantization != "none":
-        # Casts the remaining 16-bit layers (norms, head) to fp32 for stable training and enables checkpointing.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                                gradient_checkpointing_kwargs=ckpt_kwargs)
-    elif checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+        # Casts the remaining 16-bit layers (norms, head) to fp32 for stable training. Checkpointing comes with the
+        # fast path: non-reentrant, it needs no input gradients forced on the frozen embedding.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     # Training never uses the KV cache, and packed batches need it off: the block-diagonal mask built from
     # position_ids is only used when no cache is in play.
     model.config.use_cache = False
-    return get_peft_model(model, lora_config(recipe))
+    model = get_peft_model(model, lora_config(recipe))
+    fastpath.apply(model, fast)
+    return model
 
 
 def load_for_inference(recipe, adapters: Optional[Dict[str, str]] = None, device: Optional[str] = None):

@@ -25,7 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -136,6 +136,14 @@ class Precision(Choice):
     bf16 = "bf16"
 
 
+def _tristate(section, *names: str) -> None:
+    """true, false or auto (YAML reads on/off/yes/no as booleans too)."""
+    for name in names:
+        value = getattr(section, name)
+        if value not in (True, False, "auto"):
+            raise Invalid(section, name, f"{value!r} is not one of true, false, auto")
+
+
 def _positive(section, *names: str) -> None:
     for name in names:
         value = getattr(section, name)
@@ -185,6 +193,8 @@ class DataConfig:
     eval_fraction: float = opt(0.02, "Fraction of rows held out for evaluation.")
     split_seed: int = opt(42, "Seed of the train/eval split (independent of the number of shards).")
     packing: bool = opt(False, "Pack several examples into each sequence_len window (no padding, no cross-attention).")
+    pack_to: Optional[int] = opt(None, "With packing: tokens per packed row (default: sequence_len); examples are "
+                                 "still cut at sequence_len, so a longer row holds more of the same examples.")
     max_bad_fraction: float = opt(0.01, "Fail preprocessing when more than this fraction of rows is malformed "
                                   "(checked in each shard).")
     cache_dir: str = opt("cache/tokenized", "Where tokenized shards are written, keyed by a fingerprint.", path=True)
@@ -197,6 +207,17 @@ class DataConfig:
             raise Invalid(self, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise Invalid(self, "max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
+        if self.pack_to is not None:
+            if not self.packing:
+                raise Invalid(self, "pack_to", "needs data.packing: true")
+            if self.pack_to < self.sequence_len:
+                raise Invalid(self, "pack_to", f"{self.pack_to} is shorter than data.sequence_len "
+                              f"({self.sequence_len})")
+
+    @property
+    def row_len(self) -> int:
+        """Tokens per training row at most: the packed row's length, or sequence_len."""
+        return (self.pack_to or self.sequence_len) if self.packing else self.sequence_len
 
 
 @dataclass
@@ -209,10 +230,15 @@ class ModelConfig:
     quant_type: QuantType = opt(QuantType.nf4, "4-bit quantization type.")
     double_quant: bool = opt(True, "4-bit: also quantize the quantization constants.")
     compute_dtype: DType = opt(DType.bfloat16, "4-bit: dtype of the matmuls.")
-    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    gradient_checkpointing: Union[bool, str] = opt("auto", "Recompute activations in the backward pass to save memory: "
+                                                   "true (every decoder layer), false, or auto (every n-th layer, the "
+                                                   "fewest that fit fast_path.memory_gb; see ftlib/fastpath.py).")
     pad_token: Optional[str] = opt(None, "Pad token to use when the tokenizer has none (default: the EOS token).")
-    attn_implementation: Optional[str] = opt(None, "Attention kernel (eager, sdpa, flash_attention_2); default: "
-                                             "transformers' choice.")
+    attn_implementation: Optional[str] = opt(None, "Attention kernel (eager, sdpa, flash_attention_2, flex_attention); "
+                                             "default: the fast path's choice (fast_path.attention).")
+
+    def __post_init__(self):
+        _tristate(self, "gradient_checkpointing")
 
 
 @dataclass
@@ -242,6 +268,33 @@ class DeepSpeedConfig:
             raise Invalid(self, "offload_params", "parameter offload needs zero_stage: 3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise Invalid(self, "offload_optimizer", "optimizer offload needs zero_stage 1, 2 or 3")
+
+
+@dataclass
+class FastPathConfig:
+    """Each part: auto (ftlib/fastpath.py decides for the device and recipe), true (fail where it cannot run), false."""
+    attention: Union[bool, str] = opt("auto", "Attention over packed rows that builds no dense mask and stores no "
+                                      "attention probabilities: FlashAttention 2 (by position ids) where installed, "
+                                      "else torch's flex_attention; GPU only (auto keeps sdpa on CPU). "
+                                      "model.attn_implementation, if set, wins.")
+    loss: Union[bool, str] = opt("auto", "Head + cross-entropy without a micro-batch's vocabulary logits in fp32 at "
+                                 "once: Liger Kernel's fused linear cross-entropy on a GPU, a chunked loss elsewhere.")
+    kernels: Union[bool, str] = opt("auto", "Liger Kernel's fused RMSNorm, SwiGLU and RoPE (Triton: CUDA GPUs, the "
+                                    "model types Liger supports).")
+    compile: Union[bool, str] = opt("auto", "torch.compile of every decoder layer (auto: off until bench/gpu_lora.py "
+                                    "shows it pays).")
+    lora_dtype: Union[bool, str] = opt("auto", "LoRA matmuls in the mixed-precision dtype (fp16/bf16) on the layer's "
+                                       "input itself, instead of on an fp32 copy of it.")
+    zero3: Union[bool, str] = opt("auto", "With deepspeed.zero_stage 3: auto keeps ZeRO-3 only where the base does not "
+                                  "fit one GPU (else ZeRO-2: no parameters gathered per layer); true keeps it; false "
+                                  "uses ZeRO-2.")
+    memory_gb: Optional[float] = opt(None, "Memory one training rank may use, GB, for model.gradient_checkpointing: "
+                                     "auto (default: 90% of the GPU's; on CPU resources.train.mem_gb per task).")
+
+    def __post_init__(self):
+        _tristate(self, "attention", "loss", "kernels", "compile", "lora_dtype", "zero3")
+        if self.memory_gb is not None:
+            _positive(self, "memory_gb")
 
 
 @dataclass
@@ -442,6 +495,9 @@ class Recipe:
     model: ModelConfig = opt(ModelConfig(), "Base model and quantization.")
     lora: LoraConfig = opt(LoraConfig(), "LoRA adapter.")
     deepspeed: DeepSpeedConfig = opt(DeepSpeedConfig(), "DeepSpeed (ZeRO, offload).")
+    fast_path: FastPathConfig = opt(FastPathConfig(), "What makes training fast, part by part (ftlib/fastpath.py "
+                                    "decides auto per device and recipe; the train log's first lines say what and "
+                                    "why).")
     train: TrainConfig = opt(TrainConfig(), "Optimization, evaluation and checkpointing.")
     serve: ServeConfig = opt(ServeConfig(), "The Ray Serve endpoint.")
     resources: ResourcesConfig = opt(ResourcesConfig(), "Resources per stage: these size every stage, on Slurm and "
@@ -684,6 +740,9 @@ def _check(r: Recipe, top: str) -> None:
     if off:
         fail("sweep.early_stopping.rungs", f"step {off[0]} is not an evaluation step (a multiple of "
              f"train.eval_steps={r.train.eval_steps}): trials are compared on their eval loss")
+    if r.fast_path.lora_dtype is True and r.train.precision == "fp32":
+        fail("fast_path.lora_dtype", "true needs mixed precision (train.precision fp16 or bf16): in fp32 the LoRA "
+             "matmuls already run in the weights' dtype")
 
 
 # ----------------------------------------------------------------------------------------------------- saving
@@ -752,7 +811,8 @@ def _choice_of(t) -> Optional[type]:
 def _type_name(t) -> str:
     origin, args = typing.get_origin(t), typing.get_args(t)
     if origin is typing.Union:
-        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or null"
+        names = " or ".join(_type_name(a) for a in args if a is not type(None))
+        return names + " or null" if type(None) in args else names
     if origin is list:
         return f"list of {_type_name(args[0])}"
     if origin is dict:

@@ -8,7 +8,8 @@ What one call does, top to bottom:
   2. joins the torch.distributed group (ftlib.distributed: fails within train.rendezvous_timeout_s naming the ranks
      that never came, instead of hanging);
   3. writes the DeepSpeed JSON generated from the recipe (or a copy of deepspeed.config_file) to the run directory;
-  4. loads data, tokenizer and model (+ quantization + LoRA), builds the Trainer;
+  4. loads data, tokenizer and model (+ quantization + LoRA + the fast path's parts, chosen for this device and
+     recipe by ftlib.fastpath and named in the log's first lines), builds the Trainer;
   5. resumes from the latest COMPLETE checkpoint in the run directory, if any (model, optimizer, scheduler, RNG,
      data position: the loss trajectory continues exactly), once rank 0 has checked its files against the sizes and
      sha256 its marker recorded: a damaged one is moved aside (one line naming it and the file) for the one before;
@@ -48,7 +49,7 @@ import transformers
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
-from ftlib import checkpoints, progress
+from ftlib import checkpoints, fastpath, progress
 from ftlib.data.collate import make_collator
 from ftlib.data.formats import build_prompt
 from ftlib.data.merge import load_splits
@@ -117,6 +118,10 @@ def _train(recipe, env: DistEnv, run: RunDir, stop: Stop, why_stopped) -> str:
         barrier()  # every rank has seen adapter/ before rank 0 moves it aside
         if env.rank == 0:
             publish_dir(run.adapter, run.root / f"adapter.step-{trained_steps(run)}")
+    fast = fastpath.choose(recipe)  # what runs fast on this device, and why (ftlib/fastpath.py)
+    for line in fast.lines:
+        say(line)
+    recipe = fast.recipe  # with the ZeRO stage the fast path chose
     refusal: Optional[UserError] = None
     if env.rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
@@ -155,7 +160,9 @@ def _train(recipe, env: DistEnv, run: RunDir, stop: Stop, why_stopped) -> str:
             f"from it to {run.adapter}")
         return "completed"
     transformers.set_seed(recipe.run.seed)  # LoRA initialisation
-    model = load_model(recipe, for_training=True)
+    model = load_model(recipe, for_training=True, fast=fast)
+    for line in fast.model_lines:
+        say(line)
     if env.rank == 0:
         trainable, total = model.get_nb_trainable_parameters()
         say(f"model {recipe.model.name_or_path}: {trainable:,} trainable of {total:,} parameters "

@@ -109,3 +109,19 @@ def test_notebook_collator_and_padding_fraction(splits):
     # Micro-batches [3, 5] -> 2 x 8 slots, [8, 10] -> 2 x 16: 26 tokens in 48 slots.
     assert padding_fraction([3, 5, 8, 10], 2) == pytest.approx(1 - 26 / 48)
     assert padding_fraction([8, 8, 16], 2) == 0.0 and padding_fraction([8, 8, 16], 4) == pytest.approx(1 / 3)
+
+
+def test_pack_to_packs_the_same_examples_into_longer_rows(make_recipe):
+    """data.pack_to: rows of pack_to tokens holding the examples that data.sequence_len cut, unchanged."""
+    def splits(*overrides):
+        recipe = make_recipe(f"data.sources=[{{path: '{SAMPLE_DATA}', format: alpaca, max_rows: 120}}]",
+                             "data.sequence_len=256", *overrides)
+        preprocess.run_shard(recipe, 0, 1)
+        return load_splits(recipe)[0]
+
+    examples = splits()
+    short, long = splits("data.packing=true"), splits("data.packing=true", "data.pack_to=1024")
+    assert max(row_lengths(short)) <= 256 < max(row_lengths(long)) <= 1024 and len(long) < len(short) / 3
+    pieces = sorted(tuple(p["input_ids"][a:b]) for p in long for a, b in examples_of(p))
+    assert pieces == sorted(tuple(r) for r in examples["input_ids"])
+    assert max(b - a for p in long for a, b in examples_of(p)) <= 256

@@ -109,6 +109,26 @@ def test_impossible_combinations():
         DEMO, ["deepspeed.offload_optimizer=true", "train.optimizer=adam_8bit"])
 
 
+def test_fast_path_keys_and_pack_to(tmp_path):
+    for key in ("model.gradient_checkpointing", "fast_path.loss", "fast_path.zero3"):
+        assert error(DEMO, [f"{key}=maybe"]).endswith(f": {key}: 'maybe' is not one of true, false, auto")
+    assert error(DEMO, ["fast_path.memory_gb=0"]).endswith(": fast_path.memory_gb: must be positive, got 0.0")
+    assert error(DEMO, ["fast_path.lora_dtype=true"]).endswith(
+        ": fast_path.lora_dtype: true needs mixed precision (train.precision fp16 or bf16): in fp32 the LoRA matmuls "
+        "already run in the weights' dtype")
+    assert error(DEMO, ["data.pack_to=1024"]).endswith(": data.pack_to: needs data.packing: true")
+    assert error(DEMO, ["data.packing=true", "data.pack_to=100"]).endswith(
+        ": data.pack_to: 100 is shorter than data.sequence_len (512)")
+    # YAML's own spellings of true and false work too (on/off, yes/no), and auto stays a word.
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(f"base: {DEMO}\nfast_path: {{kernels: off, loss: on, compile: auto}}\n"
+                    f"data: {{packing: true, pack_to: 2048}}\n")
+    r = R.load(mine)
+    assert (r.fast_path.kernels, r.fast_path.loss, r.fast_path.compile) == (False, True, "auto")
+    assert r.data.row_len == 2048
+    assert R.load(DEMO, ["data.packing=true"]).data.row_len == R.load(DEMO).data.row_len == 512
+
+
 def test_section_rules_name_the_full_key(tmp_path):
     # A section checks its own values (__post_init__); the message still names the full key and the file.
     assert error(DEMO, ["train.learning_rate=0"]) == \

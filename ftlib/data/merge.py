@@ -65,7 +65,7 @@ def load_splits(recipe):
     if d.packing:
         from ftlib.data.packing import pack_dataset
 
-        train = pack_dataset(train, d.sequence_len)
-        evaluation = pack_dataset(evaluation, d.sequence_len) if evaluation is not None else None
+        train = pack_dataset(train, d.row_len)
+        evaluation = pack_dataset(evaluation, d.row_len) if evaluation is not None else None
     return train, evaluation
 

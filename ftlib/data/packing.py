@@ -1,4 +1,5 @@
-"""Packing: several examples in each data.sequence_len window, without padding and without attention across them.
+"""Packing: several examples in each window of data.pack_to tokens (default: data.sequence_len, the longest an example
+may be), without padding and without attention across them.
 
 Each pack holds whole examples one after another, with position ids that restart at 0 for every example. Given
 position ids and no attention mask (and no cache, as in training), transformers builds a block-diagonal causal mask
