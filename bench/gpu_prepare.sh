@@ -18,7 +18,9 @@ for n in 28 27 24 17 31 34 35; do platforms+=(--platform "manylinux_2_${n}_x86_6
   "${platforms[@]}" --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
   "$(lock transformers)" "$(lock peft)" "$(lock bitsandbytes)" "$(lock omegaconf)" "$(lock submitit)" \
   "$(lock datasets)" "$(lock dill)" "$(lock multiprocess)" "$(lock pydantic)" "$(lock pydantic_core)" \
-  "$(lock annotated-types)" "$(lock typing-inspection)" "$(lock hjson)" "$(lock liger-kernel)"
+  "$(lock annotated-types)" "$(lock typing-inspection)" "$(lock hjson)" "$(lock liger-kernel)" \
+  "$(lock py-cpuinfo)" "$(lock msgpack)" "$(lock einops)" "$(lock ninja)" "$(lock pytest-timeout)"
+# (the last five: DeepSpeed's and the suite's small requirements that the image may lack; under 1 MB together)
 "$PY" -m pip download -q --no-deps --no-binary=:all: -d .whl "$(lock deepspeed)"  # an sdist only
 
 # bitsandbytes ships a library per CUDA version (43 MB): keep the one for the machine's CUDA 13.0.
