@@ -120,3 +120,18 @@ def _process_state_restored():
     os.environ.update(environ)
     os.umask(umask)
     tempfile.tempdir = None
+
+
+# ----------------------------------------------------------------------------------------------------- test order
+def pytest_collection_modifyitems(session, config, items):
+    """The slow modules first, so that a failure of the long end-to-end tests shows early: modules ordered by how
+    many of their tests are marked slow or slurm (most first), each module's tests kept together and in their order
+    (module-scoped fixtures such as a running endpoint then start once)."""
+    def slow(item) -> bool:
+        return item.get_closest_marker("slow") is not None or item.get_closest_marker("slurm") is not None
+
+    modules: dict = {}
+    for item in items:
+        modules.setdefault(item.module.__name__ if item.module else "", []).append(item)
+    ordered = sorted(modules.values(), key=lambda group: -sum(map(slow, group)))
+    items[:] = [item for group in ordered for item in group]
