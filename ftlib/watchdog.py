@@ -82,7 +82,15 @@ class Watchdog:
 
     # -------------------------------------------------------------------------------------------- the thread
     def _run(self) -> None:
+        last = time.monotonic()
         while not self._done.wait(self.interval_s):
+            now = time.monotonic()
+            if now - last >= self.frozen_s:
+                # This process itself did not run (SIGSTOPped, then SIGCONTed, e.g. by Slurm as it ends the job):
+                # what it last saw of the others is stale, so it judges no one before watching them afresh.
+                self._changed = {r: now for r in self._changed}
+                self._progressed = {r: now for r in self._progressed}
+            last = now
             self.beats += 1
             try:
                 self._write()
@@ -91,6 +99,11 @@ class Watchdog:
                 continue  # a filesystem hiccup; a lasting one shows as no progress
             if verdict is not None:
                 self._end(verdict)
+
+    @property
+    def frozen_s(self) -> float:
+        """A heartbeat unchanged this long means its thread does not run."""
+        return max(3 * self.interval_s, 10.0)
 
     def _file(self, rank: int) -> Path:
         return self.folder / f"rank-{rank}.json"
@@ -127,7 +140,7 @@ class Watchdog:
         def where(r: int) -> str:
             return f"rank {r} on {beats[r].get('node') or '?'}"
 
-        frozen = [r for r in beats if now - self._changed[r] >= min(quiet, max(3 * self.interval_s, 10.0))]
+        frozen = [r for r in beats if now - self._changed[r] >= min(quiet, self.frozen_s)]
         fewest = min(beats[r].get("micro", 0) for r in beats)
         behind = [r for r in beats if beats[r].get("micro", 0) == fewest]
         step = max((b.get("step", 0) for b in beats.values()), default=0)
@@ -146,7 +159,9 @@ class Watchdog:
 
     def _end(self, verdict: dict) -> None:
         alive = [r for r in range(self.env.world_size) if r not in verdict["ranks"]]
-        if self.env.rank == (min(alive) if alive else self.env.rank):
+        given = read_json(self.folder / "stalled.json", {})
+        first = given.get("session") != self.session  # a verdict this run of the job already gave stands
+        if first and self.env.rank == (min(alive) if alive else self.env.rank):
             write_json(self.folder / "stalled.json", verdict)
         self.say(f"stalled: {verdict['message']}; ending the job", every_rank=True)
         os._exit(STALL_EXIT_CODE)

@@ -159,10 +159,20 @@ def test_a_prepared_compile_cache_folder_gets_nothing_from_a_vllm_endpoint(share
         answer = call(ep.url + "/v1/completions", {"model": "mine", "prompt": "Once upon a time", "max_tokens": 8,
                                                   "temperature": 0.8}, ep.token)
         assert answer[0] == 200, answer
-        engine = [pid for pid in ray_processes(f"{ep.job_id}-0") if "VLLM" in Path(f"/proc/{pid}/comm").read_text()
+        health = call(ep.url + "/health")
+        assert health[1].get("engine") == "vllm", (health, tail(tmp_path / "endpoint.log"))
+        # Every process of the endpoint's node (Ray's, the replica's, vLLM's engine): its library caches and temp
+        # files in the owner's private folder.
+        env = {}
+        for pid in ray_processes(f"{ep.job_id}-0"):
+            try:
+                env[pid] = environment(pid)
+            except OSError:
+                pass  # ended meanwhile
+        engine = [pid for pid in env if "VLLM" in Path(f"/proc/{pid}/comm").read_text()
                   or "EngineCore" in Path(f"/proc/{pid}/cmdline").read_text()]
-        assert engine, "no vLLM engine process found"
-        env = {pid: environment(pid) for pid in engine}
+        assert engine, ("no vLLM engine process found", {pid: Path(f"/proc/{pid}/cmdline").read_text()[:80]
+                                                           for pid in env}, tail(tmp_path / "endpoint.log"))
         # What the endpoint's processes created in $TMPDIR (vLLM's vllm_dist_* files and IPC sockets) and Ray's
         # sockets: for the owner only, whatever the umask of the shell that started it.
         made = [p for p in Path(env[engine[0]]["TMPDIR"]).iterdir() if p.lstat().st_mtime >= started - 1]
@@ -181,6 +191,13 @@ def test_a_prepared_compile_cache_folder_gets_nothing_from_a_vllm_endpoint(share
     compiled = Path(env[engine[0]]["TORCHINDUCTOR_CACHE_DIR"])
     assert any(compiled.rglob("*.py")), f"nothing compiled into {compiled}: the test proves nothing"
     assert owned_by_me(shared_root) == [], "the endpoint left files in the shared $TMPDIR"
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"({path} missing)"
 
 
 def vllm_recipe(root: Path):
