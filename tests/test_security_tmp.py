@@ -192,7 +192,8 @@ def test_a_prepared_compile_cache_folder_gets_nothing_from_a_vllm_endpoint(share
         ep.stop()
     assert owned_by_me(prepared) == [], "the endpoint wrote into the folder the attacker prepared"
     base = str(private.user_base())
-    for pid, e in env.items():
+    for pid in engine:  # the processes that compile (Ray's own daemons, e.g. its dashboard agent, run no torch)
+        e = env[pid]
         # Where Inductor would compile in this process: its variable, else its default under the temp directory.
         temp = e.get("TMPDIR", "/tmp")
         inductor = e.get("TORCHINDUCTOR_CACHE_DIR", f"{temp}/torchinductor_{getpass.getuser()}")
