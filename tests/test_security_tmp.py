@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ftlib import private, tensorboard
+from launcher.status import tail
 from tests.conftest import DEMO
 from tests.test_security_files import ATTACKER, attacker, attacker_prefix, shared_root  # noqa: F401 (fixture)
 from tests.test_serve import call, ray_processes
@@ -165,9 +166,8 @@ def test_a_prepared_compile_cache_folder_gets_nothing_from_a_vllm_endpoint(share
                                                   "temperature": 0.8}, ep.token)
         assert answer[0] == 200, answer
         health = call(ep.url + "/health")
-        assert health[1].get("engine") == "vllm", (health, tail(tmp_path / "endpoint.log"))
-        # Every process of the endpoint's node (Ray's, the replica's, vLLM's engine): its library caches and temp
-        # files in the owner's private folder.
+        assert health[1].get("engine") == "vllm", (health, tail(tmp_path / "endpoint.log", 40))
+        # The processes of the endpoint's node, to find vLLM's engine among them (and name them all if it is not).
         env = {}
         for pid in ray_processes(f"{ep.job_id}-0"):
             try:
@@ -177,13 +177,12 @@ def test_a_prepared_compile_cache_folder_gets_nothing_from_a_vllm_endpoint(share
         commands = {}
         for pid in env:
             try:
-                commands[pid] = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:160]
+                commands[pid] = (Path(f"/proc/{pid}/comm").read_text().strip(),
+                                 Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " "))
             except OSError:
-                pass
-        engine = [pid for pid in env if "VLLM" in Path(f"/proc/{pid}/comm").read_text()
-                  or "EngineCore" in Path(f"/proc/{pid}/cmdline").read_text()]
-        assert engine, ("no vLLM engine process found", {pid: Path(f"/proc/{pid}/cmdline").read_text()[:80]
-                                                           for pid in env}, tail(tmp_path / "endpoint.log"))
+                pass  # ended meanwhile
+        engine = [pid for pid, (comm, cmdline) in commands.items() if "VLLM" in comm or "EngineCore" in cmdline]
+        assert engine, ("no vLLM engine process found", commands, tail(tmp_path / "endpoint.log", 40))
         # What the endpoint's processes created in $TMPDIR (vLLM's vllm_dist_* files and IPC sockets) and Ray's
         # sockets: for the owner only, whatever the umask of the shell that started it.
         made = [p for p in Path(env[engine[0]]["TMPDIR"]).iterdir() if p.lstat().st_mtime >= started - 1]
@@ -207,13 +206,6 @@ def test_a_prepared_compile_cache_folder_gets_nothing_from_a_vllm_endpoint(share
     compiled = Path(env[engine[0]]["TORCHINDUCTOR_CACHE_DIR"])
     assert any(compiled.rglob("*.py")), f"nothing compiled into {compiled}: the test proves nothing"
     assert owned_by_me(shared_root) == [], "the endpoint left files in the shared $TMPDIR"
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"({path} missing)"
 
 
 def vllm_recipe(root: Path):
