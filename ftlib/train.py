@@ -53,7 +53,7 @@ from ftlib import checkpoints, fastpath, progress
 from ftlib.data.collate import make_collator
 from ftlib.data.formats import build_prompt
 from ftlib.data.merge import load_splits
-from ftlib.distributed import DistEnv, all_ranks_any, all_ranks_sum, backend, barrier, from_rank0, join
+from ftlib.distributed import DistEnv, all_ranks_any, all_ranks_sum, backend, barrier, from_rank0, join, use_cpu_threads
 from ftlib.errors import UserError
 from ftlib.model import is_zero3, load_model, load_tokenizer
 from ftlib.rundir import RunDir, publish_dir, read_json, write_json
@@ -76,6 +76,7 @@ def train(recipe, why_stopped: Optional[Callable[[Optional[int]], "StopReason"]]
     env = DistEnv.from_environ()
     run = RunDir.of(recipe)
     _quiet_libraries()
+    threads = use_cpu_threads(env)  # before Accelerate would give every rank all the node's cores
     if recipe.deepspeed.enabled and recipe.resources.train.gpus_per_node == 0:
         _without_deepspeed_shm_op()
     with StopSignals() as stop, _single_process_env(env):
@@ -83,6 +84,7 @@ def train(recipe, why_stopped: Optional[Callable[[Optional[int]], "StopReason"]]
         # stalled rank first); no stop path can hang until the time limit.
         join(env, recipe.train.rendezvous_timeout_s,
              collective_timeout=datetime.timedelta(seconds=recipe.train.stall_timeout_s + COLLECTIVE_MARGIN_S))
+        _printer(env)(threads)
         try:
             outcome = _train(recipe, env, run, stop, why_stopped or interrupted)
             barrier()  # nobody leaves while another rank still writes

@@ -1,6 +1,7 @@
 """Multi-node training on the REAL two-node Slurm cluster: ZeRO-3 across both nodes, and preemption —
 `scancel --signal=USR2` mid-run makes every rank save a checkpoint, submitit requeues the job, the restarted job
 resumes from that checkpoint, and its loss trajectory equals an uninterrupted run of the same recipe."""
+import os
 import re
 import subprocess
 import time
@@ -49,6 +50,10 @@ def test_zero3_across_two_nodes(make_recipe):
     rank0, rank1 = (rank_log(run, k) for k in (0, 1))
     assert re.search(r"world size 2\b", rank0) and "world size 1" not in rank0, rank0[-3000:]
     assert re.search(r"rank 1\b.*peak memory", rank1) and "world size" not in rank1, rank1[-3000:]
+    # Each rank runs the one thread its 1-CPU task was given, not one per core of the node (the nodes of the test
+    # cluster share the machine's cores: more threads than that spun against each other, 10-40x slower steps).
+    if "OMP_NUM_THREADS" not in os.environ:
+        assert "CPU threads: 1 per rank (Slurm gave this task 1 CPU(s)" in rank0, rank0[-3000:]
 
 
 def rank_log(run: RunDir, rank: int) -> str:

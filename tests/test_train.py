@@ -399,6 +399,24 @@ def test_gradient_accumulation_comes_from_the_actual_world_size(make_recipe):
         gradient_accumulation_steps(r, 3)
 
 
+@pytest.mark.parametrize("environ, visible, ranks_on_node, expected", [
+    ({}, 2, 2, 1),                                   # the local launcher: two ranks share the machine's 2 cores
+    ({}, 8, 2, 4),
+    ({"SLURM_CPUS_PER_TASK": "1"}, 2, 1, 1),         # a 1-CPU task on a node whose other cores are someone else's
+    ({"SLURM_CPUS_PER_TASK": "4"}, 64, 8, 4),
+    ({"SLURM_CPUS_PER_TASK": "16"}, 8, 1, 8),        # never more threads than cores it can run on
+    ({"OMP_NUM_THREADS": "3", "SLURM_CPUS_PER_TASK": "1"}, 2, 1, 3),  # the user's own setting wins
+])
+def test_a_cpu_rank_runs_as_many_threads_as_its_task_has_cpus(environ, visible, ranks_on_node, expected):
+    from ftlib.distributed import DistEnv, cpu_threads
+
+    env = DistEnv(rank=0, local_rank=0, world_size=2 * ranks_on_node, local_world_size=ranks_on_node,
+                  master_addr="127.0.0.1", master_port=0)
+    n, why = cpu_threads(env, environ, visible)
+    assert n == expected, why
+    assert ("OMP_NUM_THREADS" in why) == ("OMP_NUM_THREADS" in environ), why
+
+
 def test_own_deepspeed_file_is_used_as_given(make_recipe, tmp_path):
     from ftlib.train import deepspeed_config
 
