@@ -211,9 +211,14 @@ def test_a_cancelled_training_is_never_requeued_and_keeps_its_checkpoint(make_re
         subprocess.run(["scancel", job.job_id], check=True)
     assert wait_for_jobs([job.job_id], timeout=120)[job.job_id] == "CANCELLED", status.status(run)
 
-    time.sleep(30)  # a requeued job starts again within ~15 s on this cluster: it must not
-    queued = subprocess.run(["squeue", "-h", "-j", job.job_id], capture_output=True, text=True).stdout.strip()
-    assert not queued, (queued, rank_log(run, 0)[-3000:])
+    # Only the job's own processes would requeue it (submitit's handler runs `scontrol requeue`), and a requeued job
+    # is listed PENDING at once. slurmctld lists the job until its last process has exited (COMPLETING): once it
+    # no longer lists it at all, nothing is left to requeue it.
+    deadline = time.time() + 60
+    while (queued := squeue_state(job.job_id)) in ("RUNNING", "COMPLETING"):
+        assert time.time() < deadline, (queued, rank_log(run, 0)[-3000:])
+        time.sleep(0.5)
+    assert queued == "", (queued, rank_log(run, 0)[-3000:])
     assert [r["State"].split()[0] for r in sacct(job.job_id, "State", duplicates=True)] == ["CANCELLED"]
 
     stopped = read_json(run.stopped)
@@ -272,6 +277,12 @@ def test_a_stalled_rank_ends_its_job_and_status_names_it(make_recipe):
     assert re.search(r"ended by the stall watchdog: rank 1 on node2 stopped responding .* at step \d+", report), \
         report
     assert "rank 0 on node1" not in report.split("ended by the stall watchdog")[1].split("\n")[0], report
+
+
+def squeue_state(job_id: str) -> str:
+    """What slurmctld says of the job now: RUNNING, COMPLETING, PENDING..., or "" once it no longer lists it."""
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                          text=True).stdout.strip()
 
 
 def _read(path) -> str:
