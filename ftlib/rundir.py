@@ -28,7 +28,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ftlib.errors import UserError
 
@@ -145,3 +145,31 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         return default
+
+
+# In adapter/: how far the adapter was trained ({"global_step", "max_steps", "epochs"}; ftlib.train writes it). Here, not
+# in ftlib.train, so that `make train` can check a finished run without importing torch (6 s on a login node).
+TRAINED = "trained.json"
+
+
+def trained_steps(run: RunDir) -> Optional[int]:
+    return (read_json(run.adapter / TRAINED) or {}).get("global_step")
+
+
+def more_steps_asked(recipe) -> Optional[str]:
+    """For a finished run: the line saying that the recipe now asks for more training than adapter/ has had (a
+    larger train.max_steps or train.epochs), which continues from the run's last checkpoint; None otherwise."""
+    run = RunDir.of(recipe)
+    done = read_json(run.adapter / TRAINED)
+    if not done:
+        return None
+    t = recipe.train
+    if t.max_steps > 0 and t.max_steps > done["global_step"]:
+        asked = f"train.max_steps={t.max_steps}"
+    elif t.max_steps <= 0 and done.get("max_steps", -1) <= 0 and t.epochs > done.get("epochs", t.epochs):
+        asked = f"train.epochs={t.epochs:g}"
+    else:
+        return None
+    return (f"{run.adapter} was trained to step {done['global_step']} and the recipe now asks for {asked}: continuing "
+            f"from the last checkpoint (the learning-rate schedule is the new length's from there on); the old adapter "
+            f"is kept as adapter.step-{done['global_step']}")

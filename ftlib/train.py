@@ -56,7 +56,7 @@ from ftlib.data.merge import load_splits
 from ftlib.distributed import DistEnv, all_ranks_any, all_ranks_sum, backend, barrier, from_rank0, join, use_cpu_threads
 from ftlib.errors import UserError
 from ftlib.model import is_zero3, load_model, load_tokenizer
-from ftlib.rundir import RunDir, publish_dir, read_json, write_json
+from ftlib.rundir import TRAINED, RunDir, more_steps_asked, publish_dir, read_json, trained_steps, write_json
 from ftlib.stopping import Stop, stop_on
 from ftlib.watchdog import Watchdog
 
@@ -390,32 +390,6 @@ def save_adapter(trainer: Trainer, run: RunDir, env: DistEnv) -> None:
                                        "epochs": t.num_train_epochs})
         publish_dir(partial, run.adapter)
     barrier()
-
-
-TRAINED = "trained.json"  # in adapter/: how far the adapter was trained ({"global_step", "max_steps", "epochs"})
-
-
-def trained_steps(run: RunDir) -> Optional[int]:
-    return (read_json(run.adapter / TRAINED) or {}).get("global_step")
-
-
-def more_steps_asked(recipe) -> Optional[str]:
-    """For a finished run: the line saying that the recipe now asks for more training than adapter/ has had (a
-    larger train.max_steps or train.epochs), which continues from the run's last checkpoint; None otherwise."""
-    run = RunDir.of(recipe)
-    done = read_json(run.adapter / TRAINED)
-    if not done:
-        return None
-    t = recipe.train
-    if t.max_steps > 0 and t.max_steps > done["global_step"]:
-        asked = f"train.max_steps={t.max_steps}"
-    elif t.max_steps <= 0 and done.get("max_steps", -1) <= 0 and t.epochs > done.get("epochs", t.epochs):
-        asked = f"train.epochs={t.epochs:g}"
-    else:
-        return None
-    return (f"{run.adapter} was trained to step {done['global_step']} and the recipe now asks for {asked}: continuing "
-            f"from the last checkpoint (the learning-rate schedule is the new length's from there on); the old adapter "
-            f"is kept as adapter.step-{done['global_step']}")
 
 
 def _finished_at(recipe, checkpoint: Path) -> bool:

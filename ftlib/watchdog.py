@@ -27,10 +27,12 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
-from ftlib.distributed import DistEnv, node_name
 from ftlib.rundir import RunDir, read_json, write_json
+
+if TYPE_CHECKING:  # ftlib.distributed imports torch: `make status` reads heartbeats without it
+    from ftlib.distributed import DistEnv
 
 STALL_EXIT_CODE = 75
 SLOWEST_FACTOR = 3  # a stall is this many times the slowest progress interval seen, at least
@@ -110,7 +112,7 @@ class Watchdog:
 
     def _write(self) -> None:
         write_json(self._file(self.env.rank), {
-            "session": self.session, "job": self.job, "rank": self.env.rank, "node": node_name(), "pid": os.getpid(),
+            "session": self.session, "job": self.job, "rank": self.env.rank, "node": _node_name(), "pid": os.getpid(),
             "step": self.step, "micro": self.micro, "marks": self.marks, "beats": self.beats,
             "time": time.time()})
 
@@ -121,7 +123,7 @@ class Watchdog:
         for r in range(self.env.world_size):
             beat = read_json(self._file(r), {}) if r != self.env.rank else {
                 "beats": self.beats, "micro": self.micro, "step": self.step, "marks": self.marks,
-                "node": node_name(), "session": self.session}
+                "node": _node_name(), "session": self.session}
             if beat.get("session") != self.session:
                 beat = {}  # not written by this run of the job yet
             beats[r] = beat
@@ -177,3 +179,9 @@ def heartbeats(run: RunDir) -> List[dict]:
     """The ranks' last heartbeats (for `make status` while a job runs)."""
     folder = run.root / "heartbeat"
     return [read_json(p, {}) for p in sorted(folder.glob("rank-*.json"))] if folder.is_dir() else []
+
+
+def _node_name() -> str:
+    from ftlib.distributed import node_name
+
+    return node_name()

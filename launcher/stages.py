@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-from ftlib.rundir import RunDir
+from ftlib.rundir import RunDir, more_steps_asked
 from launcher import jobs
 
 
@@ -60,8 +60,6 @@ def _missing_shards(recipe) -> List[int]:
 
 def _train_todo(recipe) -> List[int]:
     """Train unless adapter/ is there and the recipe asks for no more steps than it had (ftlib.train)."""
-    from ftlib.train import more_steps_asked
-
     if RunDir.of(recipe).training_done and more_steps_asked(recipe) is None:
         return []
     return [0]

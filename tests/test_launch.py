@@ -83,3 +83,32 @@ def test_each_task_gets_its_own_gpu(visible, expected):
     with pytest.raises(RuntimeError, match="local rank 2 sees 2 GPU"):
         task_device({"CUDA_VISIBLE_DEVICES": "0,1"}, 2)
 
+
+
+def test_the_login_nodes_commands_do_not_load_torch(make_recipe):
+    """What `make train` does before it submits (which stages are left to run), `make status` and `make cancel` read
+    files and ask Slurm: they must not import torch and the Trainer (6-8 s of imports on a login node, for each
+    command, before anything was submitted)."""
+    import subprocess
+
+    recipe = make_recipe("run.launcher=slurm")
+    from ftlib import recipe as recipe_mod
+    from ftlib.rundir import RunDir
+
+    run = RunDir.of(recipe)
+    run.root.mkdir(parents=True, exist_ok=True)
+    recipe_mod.save(recipe, run.recipe)
+    code = ("import sys\n"
+            "from ftlib import recipe\n"
+            "from ftlib.rundir import RunDir\n"
+            "from launcher import stages, status\n"
+            "r = recipe.load(sys.argv[1])\n"
+            "todo = {name: s.todo(r) for name, s in stages.STAGES.items()}\n"
+            "status.status(RunDir.of(r))\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'deepspeed', 'ftlib.train') if m in sys.modules)\n"
+            "print(todo, heavy)\n"
+            "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", code, str(run.recipe)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "'train': [0]" in done.stdout, done.stdout
