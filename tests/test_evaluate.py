@@ -1,7 +1,7 @@
 """make eval (and make report on a real run): the tiny model trained on the demo's schedule, then base vs adapter.
 
-The module trains once (the demo recipe's 40 steps, global batch 16, in one process without DeepSpeed: the same
-optimisation as the demo's 2-rank ZeRO-2 run, in less time on 2 cores); every test reads that run.
+The module trains once (the demo recipe's optimisation for 16 of its 40 steps, global batch 16, in one process without
+DeepSpeed: the same optimisation as the demo's 2-rank ZeRO-2 run, in less time on 2 cores); every test reads that run.
 """
 import json
 import math
@@ -30,11 +30,16 @@ print("OUTCOME", train(r), flush=True)
 """
 
 
+# The demo's optimisation, shortened: 16 of its 40 steps already bring the adapter's held-out loss 0.5 below the base's
+# (4.08 -> 3.57; the test asks for 0.3).
+SCHEDULE = ["train.max_steps=16", "train.eval_steps=8", "train.save_steps=8", "train.logging_steps=4"]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo-run")
     recipe = recipe_mod.load(DEMO, [f"run.dir={folder / 'run'}", f"data.cache_dir={folder / 'cache'}",
-                                    "resources.train.nodes=1", "deepspeed.enabled=false"])
+                                    "resources.train.nodes=1", "deepspeed.enabled=false", *SCHEDULE])
     run = RunDir.of(recipe)
     recipe_mod.save(recipe, run.recipe)
     env = {k: v for k, v in os.environ.items()
@@ -194,18 +199,18 @@ def test_report_of_the_trained_run(trained):
         assert f"(plots/{name}.png)" in text
     assert [(p.step, p.value) for p in drawn["loss"]["train_loss"]] == accumulator_scalars(run.tensorboard,
                                                                                           "train/loss")
-    assert [p.step for p in drawn["loss"]["train_loss"]] == list(range(5, 41, 5))  # demo: logging_steps 5
-    assert [p.step for p in drawn["loss"]["eval_loss"]] == [20, 40]  # demo: eval_steps 20
+    assert [p.step for p in drawn["loss"]["train_loss"]] == [4, 8, 12, 16]  # SCHEDULE: logging_steps 4
+    assert [p.step for p in drawn["loss"]["eval_loss"]] == [8, 16]  # SCHEDULE: eval_steps 8
     assert [(p.step, p.value) for p in drawn["throughput"]["tokens_per_s"]] == accumulator_scalars(
         run.tensorboard, "train/tokens_per_second")
     final = accumulator_scalars(run.tensorboard, "train/loss")[-1][1].expected
     assert f"| final train loss | {final:.4g} |" in text
-    # Tokens seen: the training log's per-log counts added up (the demo's 40 steps, logged every 5).
+    # Tokens seen: the training log's per-log counts added up (16 steps, logged every 4).
     counts = accumulator_scalars(run.tensorboard, "train/tokens")
-    assert len(counts) == 8
+    assert len(counts) == 4
     seen = sum(value.expected for _, value in counts)
     assert f"| tokens seen | {seen:,.0f} |" in text
     assert "1 process on 1 node, CPU only" in text  # resources.train.nodes=1: one process, no GPU
-    assert "| optimizer steps | 40 |" in text
+    assert "| optimizer steps | 16 |" in text
     for prompt in recipe.train.sample_prompts:
         assert prompt in text  # the logged sample generations
