@@ -61,7 +61,8 @@ def chain_recipe(make_recipe, *extra, base=ROOT / "recipes" / "demo.yaml"):
     """The demo on Slurm, small: 4 shards (2 at a time) of 400 rows, then 6 steps of 2-node training."""
     return make_recipe("run.launcher=slurm", "data.num_shards=4", "resources.preprocess.array_parallelism=2",
                        "data.sources[0].max_rows=400", "train.max_steps=6", "train.eval_steps=3",
-                       "train.save_steps=3", "train.logging_steps=1", "serve.enabled=false", *extra, base=base)
+                       "train.save_steps=3", "train.logging_steps=1", "train.sample_prompts=[]", "serve.enabled=false",
+                       *extra, base=base)
 
 
 def test_chain_array_then_two_node_training(make_recipe):

@@ -18,8 +18,10 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def two_node_recipe(make_recipe, *extra):
+    # No sample generations at each evaluation (test_train.py and test_report.py test them): under ZeRO-3 each
+    # took seconds of all-gathers per token.
     recipe = make_recipe("run.launcher=slurm", "data.sources[0].max_rows=300", "serve.enabled=false",
-                         "train.logging_steps=1", *extra)
+                         "train.logging_steps=1", "train.sample_prompts=[]", *extra)
     for k in range(recipe.data.num_shards):  # preprocessing is not what these tests are about
         run_shard(recipe, k, recipe.data.num_shards)
     return recipe
@@ -97,7 +99,7 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(make_recipe, tmp_pa
 def preempted_overrides(recipe, where):
     """The same recipe in another run directory (same tokenized data)."""
     return ["run.launcher=slurm", "data.sources[0].max_rows=300", "serve.enabled=false", "train.logging_steps=1",
-            f"run.dir={where / 'run'}"]
+            "train.sample_prompts=[]", f"run.dir={where / 'run'}"]
 
 
 def _read(path) -> str:
