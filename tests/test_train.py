@@ -292,6 +292,8 @@ def test_zero3_two_ranks_packed_and_export_consolidates_the_checkpoint(tmp_path)
     eval_loss = scalars(run.root, "eval/loss")
     assert sorted(eval_loss) == [3, 6] and eval_loss[6] < eval_loss[3], eval_loss
     assert json.loads(run.deepspeed.read_text())["zero_optimization"]["stage"] == 3
+    # Sample generations under ZeRO-3 (every rank takes part in the all-gathers; the other ZeRO-3 tests skip them).
+    assert {"samples/0/text_summary", "samples/1/text_summary"} <= set(tensor_tags(run.root))
 
     # Without adapter/, export gathers the LoRA weights from the ZeRO-3 shards of checkpoint-6.
     final_adapter = tmp_path / "final-adapter"
@@ -511,7 +513,8 @@ def test_zero3_packed_resume_falls_back_past_a_garbled_checkpoint_and_reproduces
     flipped (same size). The rerun says so in one line, falls back to the checkpoint before, and its steps after it
     equal the uninterrupted run's, step for step."""
     recipe = make(tmp_path, *TINY, "deepspeed.zero_stage=3", "data.packing=true", "data.sequence_len=128",
-                  "train.max_steps=6", "train.save_steps=3", "train.eval_steps=3", "train.save_total_limit=2")
+                  "train.max_steps=6", "train.save_steps=3", "train.eval_steps=3", "train.save_total_limit=2",
+                  "train.sample_prompts=[]")
     preprocess(recipe)
     run = RunDir.of(recipe)
     assert Ranks(recipe).finish() == {0: "completed", 1: "completed"}
@@ -580,7 +583,7 @@ def test_4bit_base_resume_falls_back_past_a_truncated_adapter_file_and_stops_whe
     stop at once with the one-line reason and train nothing."""
     recipe = make(tmp_path, *TINY, "deepspeed.zero_stage=3", "model.quantization=4bit", "model.quant_type=nf4",
                   "model.compute_dtype=float32", "data.sequence_len=128", "train.max_steps=4", "train.save_steps=2",
-                  "train.eval_steps=2", "train.save_total_limit=2")
+                  "train.eval_steps=2", "train.save_total_limit=2", "train.sample_prompts=[]")
     preprocess(recipe)
     run = RunDir.of(recipe)
     assert Ranks(recipe).finish() == {0: "completed", 1: "completed"}
