@@ -209,7 +209,7 @@ def test_fast_path_saves_a_third_of_the_plain_paths_bytes_per_token(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_memory_benchmark_prints_the_table(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--layers", "1", "--tokens", "512",
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--layers", "1", "--tokens", "128",
                           "--json", str(tmp_path / "memory.json")], capture_output=True, text=True, timeout=880)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "memory.json").read_text())
