@@ -3,6 +3,7 @@ and vLLM's CPU build, in the serving environment .venv-serve), on the tiny model
 (assets/models/stories260K-hd32), with two LoRA adapters. An HF-engine endpoint of the same recipe runs alongside:
 at temperature 0 in fp32 both must give the same answers. One pair of endpoints serves the whole module."""
 import json
+import re
 import signal
 import threading
 from pathlib import Path
@@ -200,6 +201,10 @@ def test_sigterm_stops_the_vllm_endpoint_and_leaves_nothing_behind(endpoints):
     assert ep.process.wait(timeout=150) == 0
     assert ray_processes(marker) == []
     assert not (run / "endpoint.json").exists() and not (run / "serve_token").exists()
+    # The node (under the serving environment's interpreter) names what stopped it: the SIGTERM passed on by the
+    # process that started it, which is still there.
+    log = (run.parent.parent / "vllm.log").read_text(errors="replace")
+    assert re.search(r"node 0: stopping \(SIGTERM\)\n", log), log[-3000:]
 
 
 def test_a_model_vllm_cannot_run_falls_back_to_hf_saying_why(make_recipe):

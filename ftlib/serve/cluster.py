@@ -425,6 +425,7 @@ def use_all_open_files() -> None:
 
 def _run(node_rank: int, node, stop, time_limit_s: Optional[float]) -> None:
     deadline = time.monotonic() + time_limit_s if time_limit_s else None
+    parent = os.getppid()
     try:
         node.start(stop)
         while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
@@ -433,10 +434,22 @@ def _run(node_rank: int, node, stop, time_limit_s: Optional[float]) -> None:
                 log(f"node {node_rank}: {ended}")
                 break
             stop.wait(1.0)
-        log(f"node {node_rank}: stopping")
+        log(f"node {node_rank}: stopping{_why_stopping(stop, parent, deadline)}")
     finally:
         node.stop()
         log(f"node {node_rank}: stopped")
+
+
+def _why_stopping(stop, parent: int, deadline: Optional[float]) -> str:
+    """Why the node stops, for its log line: " (SIGTERM)", " (SIGTERM; the process that started this node has exited)",
+    " (time limit)" or "" (stopped by a caller's event)."""
+    if deadline is not None and time.monotonic() >= deadline:
+        return " (time limit)"
+    signal_name = getattr(stop, "signal_name", None)  # a Stop (ftlib.stopping) knows which signal; an Event does not
+    if signal_name is None:
+        return ""
+    gone = "; the process that started this node has exited" if os.getppid() != parent else ""
+    return f" ({signal_name}{gone})"
 
 
 class HeadNode:
