@@ -39,15 +39,25 @@ def sacct(job_id: str, *fields: str, steps: bool = False, duplicates: bool = Fal
 
 
 def wait_for_jobs(job_ids, timeout: float):
-    """Until every job (and array task) of these ids is in a terminal state in sacct."""
+    """Until slurmctld runs none of these jobs any more and sacct has every one of them (and every array task) in a
+    terminal state. Accounting lags: just after submission sacct may not list a job yet, so sacct alone once
+    returned "done" with only the one job already cancelled."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        rows = [r for j in job_ids for r in sacct(j, "JobID", "State")]
+        by_job = {j: sacct(j, "JobID", "State") for j in job_ids}
+        rows = [r for j in job_ids for r in by_job[j]]
         # "12_[2-3%2]" is the array's tasks not started yet: PENDING, or CANCELLED for good if the array was.
-        if rows and all(r["State"].split()[0] in TERMINAL for r in rows):
+        if all(by_job.values()) and all(r["State"].split()[0] in TERMINAL for r in rows) and not active(job_ids):
             return {r["JobID"]: r["State"].split()[0] for r in rows}
         time.sleep(2)
     raise TimeoutError(f"jobs {job_ids} not finished after {timeout} s: {rows}")
+
+
+def active(job_ids) -> list:
+    """The jobs (array tasks) among these that slurmctld still has pending, running or completing."""
+    out = subprocess.run(["squeue", "-h", "-j", ",".join(str(j).split("_")[0] for j in job_ids), "-o", "%i %T"],
+                         capture_output=True, text=True).stdout  # (an id slurmctld forgot: an error, no line)
+    return out.splitlines()
 
 
 def with_setup(tmp_path, stage: str, *lines: str) -> Path:
