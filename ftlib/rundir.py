@@ -147,8 +147,8 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
         return default
 
 
-# In adapter/: how far the adapter was trained ({"global_step", "max_steps", "epochs"}; ftlib.train writes it). Here, not
-# in ftlib.train, so that `make train` can check a finished run without importing torch (6 s on a login node).
+# In adapter/: how far the adapter was trained ({"global_step", "max_steps", "epochs"}; ftlib.train writes it).
+# Here, not in ftlib.train, so that `make train` checks a finished run without importing torch (6 s on a login node).
 TRAINED = "trained.json"
 
 

@@ -39,8 +39,8 @@ def sacct(job_id: str, *fields: str, steps: bool = False, duplicates: bool = Fal
 
 
 def wait_for_jobs(job_ids, timeout: float):
-    """Until slurmctld runs none of these jobs any more and sacct has every one of them (and every array task) in a
-    terminal state. Accounting lags: just after submission sacct may not list a job yet, so sacct alone once
+    """Until slurmctld has none of these jobs pending or running and sacct has every one of them (and every array
+    task) in a terminal state. Accounting lags: just after submission sacct may not list a job yet, so sacct alone once
     returned "done" with only the one job already cancelled."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -54,10 +54,11 @@ def wait_for_jobs(job_ids, timeout: float):
 
 
 def active(job_ids) -> list:
-    """The jobs (array tasks) among these that slurmctld still has pending, running or completing."""
+    """The jobs (array tasks) among these that slurmctld still has pending or running. Not those completing: they
+    have ended, and their last processes may take up to KillWait (30 s here) to exit."""
     out = subprocess.run(["squeue", "-h", "-j", ",".join(str(j).split("_")[0] for j in job_ids), "-o", "%i %T"],
                          capture_output=True, text=True).stdout  # (an id slurmctld forgot: an error, no line)
-    return out.splitlines()
+    return [line for line in out.splitlines() if not line.endswith(" COMPLETING")]
 
 
 def with_setup(tmp_path, stage: str, *lines: str) -> Path:

@@ -157,7 +157,8 @@ def test_a_real_time_limit_checkpoints_requeues_and_resumes_exactly(make_recipe,
     limited = two_node_recipe(make_recipe, *schedule, "resources.train.time_min=1",
                               "resources.train.stop_signal_s=45")
     reference = make_recipe("run.launcher=slurm", "data.sources[0].max_rows=300", "serve.enabled=false",
-                            "train.sample_prompts=[]", f"run.dir={tmp_path_factory.mktemp('reference') / 'run'}", *schedule)
+                            "train.sample_prompts=[]", f"run.dir={tmp_path_factory.mktemp('reference') / 'run'}",
+                            *schedule)
     (job,) = launch.submit(limited, ["train"])
     (ref_job,) = launch.submit(reference, ["train"])
     run, ref_run = RunDir.of(limited), RunDir.of(reference)
