@@ -40,8 +40,11 @@ SLOWEST_FACTOR = 3  # a stall is this many times the slowest progress interval s
 
 class Watchdog:
     def __init__(self, run: RunDir, env: DistEnv, timeout_s: float, session: str, say, job: Optional[str] = None):
+        from ftlib.distributed import node_name  # here, not at the top: it imports torch, which `make status` need not
+
         self.folder = run.root / "heartbeat"
         self.env, self.timeout_s, self.session, self.say = env, float(timeout_s), session, say
+        self.node = node_name()
         self.job = job if job is not None else os.environ.get("FTLIB_JOB_ID")  # the launcher's id (ftlib.train)
         self.interval_s = max(0.5, min(5.0, self.timeout_s / 6))
         self.step = self.micro = self.marks = self.beats = 0  # optimizer steps, micro-batches, progress marks
@@ -112,7 +115,7 @@ class Watchdog:
 
     def _write(self) -> None:
         write_json(self._file(self.env.rank), {
-            "session": self.session, "job": self.job, "rank": self.env.rank, "node": _node_name(), "pid": os.getpid(),
+            "session": self.session, "job": self.job, "rank": self.env.rank, "node": self.node, "pid": os.getpid(),
             "step": self.step, "micro": self.micro, "marks": self.marks, "beats": self.beats,
             "time": time.time()})
 
@@ -123,7 +126,7 @@ class Watchdog:
         for r in range(self.env.world_size):
             beat = read_json(self._file(r), {}) if r != self.env.rank else {
                 "beats": self.beats, "micro": self.micro, "step": self.step, "marks": self.marks,
-                "node": _node_name(), "session": self.session}
+                "node": self.node, "session": self.session}
             if beat.get("session") != self.session:
                 beat = {}  # not written by this run of the job yet
             beats[r] = beat
@@ -179,9 +182,3 @@ def heartbeats(run: RunDir) -> List[dict]:
     """The ranks' last heartbeats (for `make status` while a job runs)."""
     folder = run.root / "heartbeat"
     return [read_json(p, {}) for p in sorted(folder.glob("rank-*.json"))] if folder.is_dir() else []
-
-
-def _node_name() -> str:
-    from ftlib.distributed import node_name
-
-    return node_name()
