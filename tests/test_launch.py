@@ -84,7 +84,6 @@ def test_each_task_gets_its_own_gpu(visible, expected):
         task_device({"CUDA_VISIBLE_DEVICES": "0,1"}, 2)
 
 
-
 def test_the_login_nodes_commands_do_not_load_torch(make_recipe):
     """What `make train` does before it submits (which stages are left to run), `make status` and `make cancel` read
     files and ask Slurm: they must not import torch and the Trainer (6-8 s of imports on a login node, for each

@@ -168,15 +168,10 @@ def test_a_prepared_compile_cache_folder_gets_nothing_from_a_vllm_endpoint(share
         health = call(ep.url + "/health")
         assert health[1].get("engine") == "vllm", (health, tail(tmp_path / "endpoint.log", 40))
         # The processes of the endpoint's node, to find vLLM's engine among them (and name them all if it is not).
-        env = {}
+        env, commands = {}, {}
         for pid in ray_processes(f"{ep.job_id}-0"):
             try:
                 env[pid] = environment(pid)
-            except OSError:
-                pass  # ended meanwhile
-        commands = {}
-        for pid in env:
-            try:
                 commands[pid] = (Path(f"/proc/{pid}/comm").read_text().strip(),
                                  Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " "))
             except OSError:

@@ -53,12 +53,18 @@ def wait_for_jobs(job_ids, timeout: float):
     raise TimeoutError(f"jobs {job_ids} not finished after {timeout} s: {rows}")
 
 
-def active(job_ids) -> list:
-    """The jobs (array tasks) among these that slurmctld still has pending or running. Not those completing: they
-    have ended, and their last processes may take up to KillWait (30 s here) to exit."""
-    out = subprocess.run(["squeue", "-h", "-j", ",".join(str(j).split("_")[0] for j in job_ids), "-o", "%i %T"],
+def squeue_states(job_ids) -> list:
+    """What slurmctld says now of these jobs (of each array task): RUNNING, COMPLETING, PENDING...; [] once it no
+    longer lists them."""
+    out = subprocess.run(["squeue", "-h", "-j", ",".join(str(j).split("_")[0] for j in job_ids), "-o", "%T"],
                          capture_output=True, text=True).stdout  # (an id slurmctld forgot: an error, no line)
-    return [line for line in out.splitlines() if not line.endswith(" COMPLETING")]
+    return out.split()
+
+
+def active(job_ids) -> list:
+    """The states of the jobs among these that slurmctld still has pending or running. Not those completing: they
+    have ended, and their last processes may take up to KillWait (30 s here) to exit."""
+    return [state for state in squeue_states(job_ids) if state != "COMPLETING"]
 
 
 def with_setup(tmp_path, stage: str, *lines: str) -> Path:

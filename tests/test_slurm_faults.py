@@ -23,7 +23,7 @@ from ftlib.rundir import RunDir, read_json
 from launcher import launch, status
 from launcher.status import first_dead_task
 from tests.conftest import ROOT
-from tests.test_slurm import cluster, sacct, wait_for_jobs  # noqa: F401 (cluster: the session fixture)
+from tests.test_slurm import cluster, sacct, squeue_states, wait_for_jobs  # noqa: F401 (cluster: a fixture)
 from tests.test_slurm_train import losses, rank_log, two_node_recipe
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -216,10 +216,10 @@ def test_a_cancelled_training_is_never_requeued_and_keeps_its_checkpoint(make_re
     # is listed PENDING at once. slurmctld lists the job until its last process has exited (COMPLETING): once it
     # no longer lists it at all, nothing is left to requeue it.
     deadline = time.time() + 60
-    while (queued := squeue_state(job.job_id)) in ("RUNNING", "COMPLETING"):
+    while (queued := squeue_states([job.job_id])) in (["RUNNING"], ["COMPLETING"]):
         assert time.time() < deadline, (queued, rank_log(run, 0)[-3000:])
         time.sleep(0.5)
-    assert queued == "", (queued, rank_log(run, 0)[-3000:])
+    assert queued == [], (queued, rank_log(run, 0)[-3000:])
     assert [r["State"].split()[0] for r in sacct(job.job_id, "State", duplicates=True)] == ["CANCELLED"]
 
     stopped = read_json(run.stopped)
@@ -278,12 +278,6 @@ def test_a_stalled_rank_ends_its_job_and_status_names_it(make_recipe):
     assert re.search(r"ended by the stall watchdog: rank 1 on node2 stopped responding .* at step \d+", report), \
         report
     assert "rank 0 on node1" not in report.split("ended by the stall watchdog")[1].split("\n")[0], report
-
-
-def squeue_state(job_id: str) -> str:
-    """What slurmctld says of the job now: RUNNING, COMPLETING, PENDING..., or "" once it no longer lists it."""
-    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
-                          text=True).stdout.strip()
 
 
 def _read(path) -> str:
