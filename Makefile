@@ -36,12 +36,16 @@ demo: setup                           ## preprocess -> 2-process DeepSpeed LoRA 
 # PYTEST_TIMEOUT bounds each test without its own timeout mark.
 IS_ROOT  := $(filter 0,$(shell id -u))
 PYTEST_TIMEOUT ?= 600
+# Two pytest workers: one runs every test on the Slurm cluster, one after the other (they share its nodes and its
+# queue), while the other runs the rest (tests/conftest.py groups them). PYTEST_WORKERS=0 runs all in one process.
+PYTEST_WORKERS ?= 2
 # As root the cluster comes up (apt-get, daemons) while the environments build; its output follows theirs.
 test:                                 ## the whole suite, against a real local Slurm cluster
 	@$(if $(IS_ROOT),log=$$(mktemp) && { $(MAKE) --no-print-directory cluster-up >$$log 2>&1 & cluster=$$!; } &&) \
 	$(MAKE) --no-print-directory setup setup-serve \
 	$(if $(IS_ROOT),&& { wait $$cluster; rc=$$?; cat $$log; rm -f $$log; exit $$rc; })
-	bash tests/cluster/run-as-user.sh $(PY) -m pytest --timeout=$(PYTEST_TIMEOUT) $(PYTEST_SELECT) $(PYTEST_ARGS)
+	bash tests/cluster/run-as-user.sh $(PY) -m pytest --timeout=$(PYTEST_TIMEOUT) \
+	    -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_SELECT) $(PYTEST_ARGS)
 
 # The security suite alone: every test marked `security` (another user of the same nodes attacks a run, an
 # endpoint, TensorBoard), as ftl-alice with ftl-bob as the attacker. A site runs it after installing.

@@ -123,15 +123,28 @@ def _process_state_restored():
 
 
 # ----------------------------------------------------------------------------------------------------- test order
+SLURM_GROUP = "slurm"
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(session, config, items):
     """The slow modules first, so that a failure of the long end-to-end tests shows early: modules ordered by how
     many of their tests are marked slow or slurm (most first), each module's tests kept together and in their order
-    (module-scoped fixtures such as a running endpoint then start once)."""
+    (module-scoped fixtures such as a running endpoint then start once).
+
+    Each module is one group for pytest-xdist (`make test` runs two workers, `--dist loadgroup`), except that every
+    module with a test on the Slurm cluster joins one group, run first: those tests share the cluster's two debug
+    nodes and its queue, so they run one after the other in one worker while the other worker runs the rest."""
     def slow(item) -> bool:
         return item.get_closest_marker("slow") is not None or item.get_closest_marker("slurm") is not None
 
     modules: dict = {}
     for item in items:
         modules.setdefault(item.module.__name__ if item.module else "", []).append(item)
-    ordered = sorted(modules.values(), key=lambda group: -sum(map(slow, group)))
-    items[:] = [item for group in ordered for item in group]
+    on_slurm = {name for name, group in modules.items()
+                if any(item.get_closest_marker("slurm") for item in group)}
+    ordered = sorted(modules.items(), key=lambda kv: (kv[0] not in on_slurm, -sum(map(slow, kv[1]))))
+    items[:] = [item for _, group in ordered for item in group]
+    for name, group in ordered:
+        for item in group:
+            item.add_marker(pytest.mark.xdist_group(SLURM_GROUP if name in on_slurm else name))

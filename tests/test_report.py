@@ -236,6 +236,7 @@ def _slurm_cluster_up() -> bool:
         return False
 
 
+@pytest.mark.slurm
 @pytest.mark.skipif(not _slurm_cluster_up(), reason="no Slurm cluster (tests/cluster/up.sh starts one)")
 @pytest.mark.timeout(240)
 def test_gpu_hours_of_a_slurm_run_come_from_sacct(make_recipe, tmp_path):
