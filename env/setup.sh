@@ -115,9 +115,12 @@ else
     install --no-deps -r "$lock" -c "$pins"
     install --no-deps -e .
     "$py" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true  # from older set-ups
-    # pip check then misses exactly those three: anything else is a real conflict.
-    if "$py" -m pip check | grep -v -E "requires (torchvision|torchaudio|torchcodec), which is not installed"; then
-        echo "pip check failed in $venv" >&2
+    # pip check then misses exactly those three: anything else is a real conflict. (Its output is filtered apart
+    # from its status, which is 1 for those three: under pipefail a pipeline would report that 1, not grep's.)
+    left_out="requires (torchvision|torchaudio|torchcodec), which is not installed"
+    conflicts=$("$py" -m pip check | grep -v -E "$left_out|^No broken requirements found" || true)
+    if [ -n "$conflicts" ]; then
+        echo "pip check failed in $venv: $conflicts" >&2
         exit 1
     fi
     check="import vllm, ray.serve.llm, ftlib"
