@@ -413,12 +413,12 @@ ensure_accounts() {
 }
 
 # ---------------------------------------------------------------- health
-nodes_up() {  # every node responding and usable (idle, or running jobs)
+nodes_up() {  # every node responding and usable (idle, running or ending jobs, or planned for a pending one)
     local out
     out=$(timeout 10 sinfo -h -N -o '%N %t' 2>/dev/null) || return 1
     local node
     for node in "${NODES[@]}"; do
-        grep -Eq "^$node (idle|mix|alloc|comp)\$" <<<"$out" || return 1
+        grep -Eq "^$node (idle|mix|alloc|comp|plnd)\$" <<<"$out" || return 1
     done
 }
 
