@@ -9,6 +9,7 @@ How `make train RECIPE=x.yaml` goes, top to bottom:
                        one stage after the other), DryRun (writes the sbatch scripts)
   launcher/sbatch.py   recipe -> sbatch parameters and text (pure; checked against tests/golden/)
   launcher/jobs.py     the callables inside the jobs: thin wrappers around ftlib's steps (signals, requeue)
+  launcher/task.py     what each task runs on its node: submitit's job runner, then an exit that cannot fail it
   launcher/records.py  jobs.json (which job ran which stage) and Slurm's accounting (sacct, squeue)
   launcher/status.py   `make status`, `make logs`, `make cancel`
 

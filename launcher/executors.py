@@ -4,7 +4,8 @@
   Local    runs it on this machine with submitit's LocalExecutor (a stage's ranks become local processes) and waits
   DryRun   writes the sbatch script that Slurm would get, submits nothing
 
-Every executor records what it started in jobs.json (launcher.records) so that `make status` finds it.
+Every executor records what it started in jobs.json (launcher.records) so that `make status` finds it. The tasks of
+the Slurm and local executors run launcher.task, submitit's job runner with an exit that cannot fail a finished task.
 """
 from __future__ import annotations
 
@@ -23,10 +24,27 @@ from ftlib.rundir import RunDir, write_atomic
 from launcher import records, site
 from launcher.sbatch import render_sbatch, slurm_parameters
 from launcher.stages import Stage
+from launcher.task import task_command
 
 
 class LaunchError(UserError):
     """A stage failed or cannot be submitted; the message says which and where its log is."""
+
+
+class SlurmExecutor(submitit.SlurmExecutor):
+    """submitit's, with its tasks run by launcher.task."""
+
+    @property
+    def _submitit_command_str(self) -> str:
+        return task_command(self.python, self.folder)
+
+
+class LocalExecutor(submitit.LocalExecutor):
+    """submitit's, with its tasks run by launcher.task."""
+
+    @property
+    def _submitit_command_str(self) -> str:
+        return task_command(self.python, self.folder)
 
 
 @dataclass
@@ -100,8 +118,8 @@ class Slurm:
 
     def run(self, run: RunDir, stage: Stage, recipe, todo: List[int], after: Optional[Submitted]) -> Submitted:
         dependency = after.afterok if after else None
-        ex = submitit.SlurmExecutor(folder=run.stage_logs(stage.name),
-                                    max_num_timeout=stage.resources(recipe).max_requeues)
+        ex = SlurmExecutor(folder=run.stage_logs(stage.name),
+                           max_num_timeout=stage.resources(recipe).max_requeues)
         ex.update_parameters(**slurm_parameters(recipe, stage, dependency))
         try:
             sub = _submit(ex, stage, recipe, todo, records.max_array_size() if stage.array else None)
@@ -137,7 +155,7 @@ class Local:
             return None
         r = stage.resources(recipe)
         processes = r.nodes * r.tasks_per_node if stage.ranks else 1  # one machine: all ranks are local processes
-        ex = submitit.LocalExecutor(folder=run.stage_logs(stage.name))
+        ex = LocalExecutor(folder=run.stage_logs(stage.name))
         ex.update_parameters(timeout_min=r.time_min, tasks_per_node=processes, nodes=1)
         if stage.array and stage.ranks:
             print(f"[{stage.name}] {len(todo)} trial(s), one after the other, {processes} process(es) each")

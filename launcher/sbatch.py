@@ -8,6 +8,7 @@ from submitit.slurm.slurm import _make_sbatch_string
 
 from ftlib.rundir import RunDir
 from launcher.stages import STAGES, Stage
+from launcher.task import task_command
 
 
 def slurm_parameters(recipe, stage: Stage | str, dependency: Optional[str] = None) -> Dict:
@@ -58,6 +59,6 @@ def render_sbatch(recipe, stage: Stage | str, dependency: Optional[str] = None,
     """The sbatch script submitit submits for a stage."""
     stage = STAGES[stage] if isinstance(stage, str) else stage
     folder = RunDir.of(recipe).stage_logs(stage.name)
-    command = f"{sys.executable} -u -m submitit.core._submit {folder}"
+    command = task_command(sys.executable, folder)
     return _make_sbatch_string(command=command, folder=folder, map_count=array_size,
                                **slurm_parameters(recipe, stage, dependency))
