@@ -83,8 +83,13 @@ def other_tenant_half(action: str, root: Path) -> None:
         recipe = tenant_recipe(root)
         (job,) = launch.submit(recipe, ["serve"])
         print(RESULT + json.dumps({"job_id": job.job_id}), flush=True)
-        endpoint = launch.wait_for_endpoint(recipe, job.job_id, 420)
         run = RunDir.of(recipe)
+        try:
+            endpoint = launch.wait_for_endpoint(recipe, job.job_id, 420)
+        except Exception:
+            # What `make status` says of the job (rank, node, cause, its log's last lines), for the test's message.
+            print(RESULT + json.dumps({"status": status.status(run)}), flush=True)
+            raise
         found = exercise({**endpoint, "run_endpoint": str(run.endpoint)})
         print(RESULT + json.dumps({"job_id": job.job_id, "endpoint": endpoint, "found": found,
                                    "run": str(run.root), "files": run_files(run.root)}), flush=True)
@@ -128,7 +133,9 @@ def test_two_tenants_serve_on_the_same_nodes_at_once(other_tenant, shared_scratc
         assert_serves(endpoint, found, "alice")
         bob_out, bob_err = bob.communicate(timeout=480)
         other = results(bob_out)
-        assert bob.returncode == 0 and "found" in other, (bob.returncode, bob_out[-3000:], bob_err[-5000:])
+        assert bob.returncode == 0 and "found" in other, (
+            f"{other_tenant}'s half ended with status {bob.returncode}; its job:\n{other.get('status')}\n"
+            f"its stderr's end:\n{bob_err[-3000:]}")
         assert_serves(other["endpoint"], other["found"], other_tenant)
 
         # Both jobs run at this moment, each over both nodes, each as its own user.
