@@ -275,12 +275,33 @@ class RayNode:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def why_exited(self) -> str:
+        """Why `ray start` exited, from what Ray recorded in this node's folder (read it before stop() removes the
+        folder): "status 1: raylet died (exit code -9 (signal 9)), its log ends: ...". `ray start --block` exits
+        when one of its processes dies; it names them in ray_process_exit.log. The last lines of each one's own log
+        go to this node's log, the last of them into the returned text (what `make status` shows)."""
+        text = f"status {self.process.returncode}"
+        records = {p.resolve() for p in self.temp_dir.glob("session_*/logs/ray_process_exit.log")}
+        died = []
+        for record in records:
+            try:
+                died += [(record.parent, *found) for found in re.findall(
+                    r"^\s+(\S+) \[exit code=([^\]]*)\]$", record.read_text(errors="replace"), re.M)]
+            except OSError:
+                continue
+        for logs, name, code in died:
+            last = _last_lines(logs, name, 5)
+            for line in last:
+                log(f"node {self.rank}: {name}: {line}")
+            text += f"; {name} died (exit code {code})" + (f", its log ends: {last[-1]}" if last else "")
+        return text if died else f"{text} (its output is above)"
+
     def wait_until_listening(self, timeout_s: float) -> None:
         """Until the head's GCS accepts connections (or fail if `ray start` exits)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.alive():
-                raise RuntimeError(f"ray start exited with status {self.process.returncode} (its output is above)")
+                raise RuntimeError(f"ray start exited with {self.why_exited()}")
             try:
                 socket.create_connection((self.ip, self.ports.gcs), timeout=1).close()
                 return
@@ -316,6 +337,19 @@ class RayNode:
         psutil.wait_procs(left, timeout=5)
         self.ports.release()
         self.dir.remove()
+
+
+def _last_lines(logs: Path, name: str, count: int) -> List[str]:
+    """The last non-empty lines that Ray's process `name` wrote to its log (name.err, else name.out), each cut at 300
+    characters."""
+    for path in (logs / f"{name}.err", logs / f"{name}.out"):
+        try:
+            lines = [line[:300] for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            continue
+        if lines:
+            return lines[-count:]
+    return []
 
 
 def ray_address_of(host: str) -> str:
@@ -520,7 +554,7 @@ class HeadNode:
     def ended(self) -> Optional[str]:
         """Why this node's work is over (None while it goes on); raises if something broke."""
         if not self.ray.alive():
-            raise RuntimeError(f"the Ray head exited with status {self.ray.process.returncode}")
+            raise RuntimeError(f"the Ray head exited with {self.ray.why_exited()}")
         return None
 
     def stop(self) -> None:
@@ -576,7 +610,7 @@ class WorkerNode:
         if (read_json(self.run.serve_head) or {}).get("job_id") != self.job_id:
             return "the head has stopped"
         if not self.ray.alive():
-            raise RuntimeError(f"the Ray worker exited with status {self.ray.process.returncode}")
+            raise RuntimeError(f"the Ray worker exited with {self.ray.why_exited()}")
         return None
 
     def stop(self) -> None:
