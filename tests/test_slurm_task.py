@@ -7,7 +7,6 @@ The fault is injected the way a C++ library's static destructor is registered: a
 process exits (__cxa_atexit), here abort(3)."""
 import atexit
 import ctypes
-import os
 import sys
 import threading
 import time
