@@ -31,20 +31,20 @@ class LaunchError(UserError):
     """A stage failed or cannot be submitted; the message says which and where its log is."""
 
 
-class SlurmExecutor(submitit.SlurmExecutor):
-    """submitit's, with its tasks run by launcher.task."""
+class _RunsLauncherTask:
+    """Mixed into a submitit executor: its tasks run launcher.task instead of submitit.core._submit."""
 
     @property
     def _submitit_command_str(self) -> str:
         return task_command(self.python, self.folder)
 
 
-class LocalExecutor(submitit.LocalExecutor):
-    """submitit's, with its tasks run by launcher.task."""
+class SlurmExecutor(_RunsLauncherTask, submitit.SlurmExecutor):
+    pass
 
-    @property
-    def _submitit_command_str(self) -> str:
-        return task_command(self.python, self.folder)
+
+class LocalExecutor(_RunsLauncherTask, submitit.LocalExecutor):
+    pass
 
 
 @dataclass
